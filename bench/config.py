@@ -1,0 +1,124 @@
+"""Config composition (Hydra's compose API under our own CLI) and the hashes that identify experiments."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if not CONFIG_DIR.is_dir():  # installed: the configs ship inside the package as bench.configs
+    import bench.configs
+
+    CONFIG_DIR = Path(bench.configs.__file__).parent
+
+NO_ABLATION = "none"
+# keys that say how a run executes or where it writes, not what it computes
+NON_SEMANTIC = ("runtime", "results_dir")
+
+
+def _hydra():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    return compose, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3")
+
+
+def group_options(group: str) -> list[str]:
+    """Options of a config group, including ones third-party plugins put in Hydra's ConfigStore."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    _, ctx = _hydra()
+    with ctx:
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+
+def ablation_names(method: str) -> list[str]:
+    return [NO_ABLATION, *group_options(f"ablation/{method}")]
+
+
+def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = None,
+                   overrides: Iterable[str] = ()) -> DictConfig:
+    """Compose the primary config with a method, one of its ablations and user overrides."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench.registry import method_names
+
+    methods = method_names()
+    if method not in methods:
+        raise UserError(f"unknown method {method!r}; valid methods: {', '.join(methods)}")
+    ablations = ablation_names(method)
+    if ablation not in ablations:
+        raise UserError(f"unknown ablation {ablation!r} for method {method!r}; valid ablations: {', '.join(ablations)}")
+    items = [f"method={method}"]
+    if ablation != NO_ABLATION:
+        items.append(f"+ablation/{method}={ablation}")
+    if seed is not None:
+        items.append(f"seed={seed}")
+    user = list(overrides)
+    for item in user:
+        if "=" not in item:
+            raise UserError(f"malformed override {item!r}: expected key=value (e.g. trainer.epochs=2 or model=tiny)")
+    compose, ctx = _hydra()
+    try:
+        with ctx:
+            cfg = compose(config_name="config", overrides=items + user)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = str(exc).strip() or str(exc.__cause__ or type(exc).__name__).strip()
+        lines = [line.strip() for line in text.splitlines()[:2]]
+        raise UserError(f"bad override: {' '.join(lines)}{_valid_options_hint(lines[0])}") from None
+    cfg.ablation = ablation  # recorded; set here because `ablation=` on Hydra's line means the group
+    if cfg.method.name != method:
+        raise UserError(f"configs/method/{method}.yaml must set name: {method} (it says {cfg.method.name!r})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"required setting(s) not given: {', '.join(missing)} (add e.g. {missing[0]}=/path)")
+    return cfg
+
+
+def _valid_options_hint(message: str) -> str:
+    """For 'Could not find 'model/xyz'' errors, list what the group offers."""
+    import re
+
+    m = re.search(r"Could not find '([\w/.-]+)/[^/']+'", message)
+    if not m:
+        return ""
+    try:
+        return f"; valid {m.group(1)} options: {', '.join(group_options(m.group(1)))}"
+    except Exception:  # the hint is a courtesy; the error stands without it
+        return ""
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def stable_hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Everything that decides the numbers, seeds included."""
+    plain = to_plain(cfg)
+    return stable_hash({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
+
+
+def pretrain_hash(cfg: DictConfig) -> str:
+    """What decides a pretrained checkpoint except its seed: runs that differ only in seed share it, and
+    tables aggregate seeds within it."""
+    plain = to_plain(cfg)
+    return stable_hash({k: v for k, v in plain.items() if k not in (*NON_SEMANTIC, "seed", "eval")})
+
+
+def eval_hash(cfg: DictConfig, protocol: str) -> str:
+    """The settings of one evaluation protocol (its section of `eval`, plus the shared ones)."""
+    e = to_plain(cfg.eval)
+    shared = {k: v for k, v in e.items() if k not in ("datasets", "protocols", "random_init_baseline")
+              and not isinstance(v, dict)}
+    return stable_hash({"protocol": protocol, "shared": shared, "own": e.get(protocol.replace("-", "_"), {})})

@@ -1,0 +1,28 @@
+"""Losses shared by methods. The contrastive loss is correct under DDP: it gathers features from every
+rank (with gradients) and each rank scores its own rows against the global batch."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0; gradients flow back to every rank's own slice."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over L2-normalised embeddings; positives are the aligned rows of the global batch."""
+    all_images = gather_with_grad(image_emb)
+    all_texts = gather_with_grad(text_emb)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    n = image_emb.shape[0]
+    labels = torch.arange(n, device=image_emb.device) + rank * n
+    logits_per_image = logit_scale * image_emb @ all_texts.T
+    logits_per_text = logit_scale * text_emb @ all_images.T
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))

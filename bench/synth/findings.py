@@ -1,0 +1,92 @@
+"""What a synthetic patient has: findings with side, zone, severity and certainty, and their labels.
+
+The label semantics follow the CheXpert labeler: 1.0 positive, 0.0 negated in the report, -1.0 uncertain,
+blank (NaN) not mentioned; `Lung Opacity` is implied by any parenchymal opacity, `No Finding` is set when
+nothing but support devices is positive or uncertain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CHEXPERT_LABELS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+]
+
+# finding -> prevalence in the synthetic population
+PREVALENCE = {
+    "Cardiomegaly": 0.25, "Pleural Effusion": 0.25, "Consolidation": 0.15, "Pneumonia": 0.10,
+    "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.08, "Lung Lesion": 0.10,
+    "Enlarged Cardiomediastinum": 0.08, "Support Devices": 0.20, "Fracture": 0.05, "Pleural Other": 0.05,
+}
+DRAWN = list(PREVALENCE)
+OPACITIES = ("Consolidation", "Pneumonia", "Edema", "Atelectasis", "Lung Lesion")
+# absent findings a radiologist commonly states as negative
+ROUTINELY_NEGATED = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Edema", "Cardiomegaly")
+UNCERTAIN_SHARE = 0.15
+NEGATION_RATE = 0.6
+
+
+@dataclass
+class Finding:
+    name: str
+    side: str  # "right", "left" or "bilateral" (the patient's side; image left is patient right)
+    zone: str  # "upper", "mid" or "lower"
+    severity: int  # 1 mild/small, 2 moderate, 3 severe/large
+    uncertain: bool = False
+    device: str = ""  # support device kind
+
+
+@dataclass
+class Patient:
+    findings: dict[str, Finding] = field(default_factory=dict)
+    negated: list[str] = field(default_factory=list)
+    age: int = 60
+    sex: str = "Female"
+
+    def labels(self, with_mentions: bool = True) -> dict[str, float]:
+        """CheXpert-style labels. `with_mentions=False` gives the consensus 0/1 form (valid/test sets)."""
+        out: dict[str, float] = {name: np.nan for name in CHEXPERT_LABELS}
+        for name in self.negated:
+            out[name] = 0.0
+        for name, f in self.findings.items():
+            out[name] = -1.0 if f.uncertain else 1.0
+        opacity = [out[n] for n in OPACITIES if out[n] in (1.0, -1.0)]
+        if opacity:
+            out["Lung Opacity"] = max(opacity)
+        abnormal = [n for n, v in out.items() if n not in ("No Finding", "Support Devices") and v in (1.0, -1.0)]
+        if not abnormal:
+            out["No Finding"] = 1.0
+        if not with_mentions:
+            # uncertain findings are drawn (faintly), so the consensus reading calls them present
+            out = {n: 1.0 if v in (1.0, -1.0) else 0.0 for n, v in out.items()}
+        return out
+
+
+def sample_patient(rng: np.random.Generator) -> Patient:
+    p = Patient(age=int(rng.integers(20, 91)), sex=str(rng.choice(["Female", "Male"])))
+    present = {name for name, prev in PREVALENCE.items() if rng.random() < prev}
+    # heart failure travels together: edema makes a big heart and effusions likelier
+    if "Edema" in present:
+        if rng.random() < 0.5:
+            present.add("Cardiomegaly")
+        if rng.random() < 0.4:
+            present.add("Pleural Effusion")
+    if "Pneumonia" in present:
+        present.discard("Consolidation")  # drawn as pneumonia's own patchy opacities
+    for name in sorted(present):
+        side = str(rng.choice(["right", "left", "bilateral"] if name in ("Pleural Effusion", "Atelectasis")
+                              else ["right", "left"]))
+        if name in ("Edema", "Cardiomegaly", "Enlarged Cardiomediastinum", "Support Devices"):
+            side = "bilateral"
+        zone = str(rng.choice(["upper", "lower"])) if name == "Consolidation" else \
+            str(rng.choice(["upper", "mid", "lower"])) if name == "Lung Lesion" else "lower"
+        uncertain = name not in ("Support Devices", "Fracture") and rng.random() < UNCERTAIN_SHARE
+        device = str(rng.choice(["endotracheal tube", "central venous catheter", "nasogastric tube"])) \
+            if name == "Support Devices" else ""
+        p.findings[name] = Finding(name, side, zone, int(rng.integers(1, 4)), uncertain, device)
+    p.negated = [n for n in ROUTINELY_NEGATED if n not in p.findings and rng.random() < NEGATION_RATE]
+    return p

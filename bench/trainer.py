@@ -1,0 +1,215 @@
+"""The one trainer every method shares: AdamW, warm-up + cosine, accumulation, clipping, bf16 autocast on
+GPU, step logs, atomic checkpoints and exact resume after a kill."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from bench.data import EpochBatchSampler, ImageTextDataset
+from bench.errors import TrainingDiverged, UserError
+from bench.io import atomic_torch_save
+from bench.method import Method
+
+CHECKPOINT, FINAL = "checkpoint.pt", "final.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"runtime.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def param_groups(method: Method, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, positional/class embeddings, the temperature and frozen weights."""
+    skip = method.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in method.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim < 2 or name in skip or leaf in ("positional_embedding", "class_embedding"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, progress: bool = True,
+                 num_workers: int = 0):
+        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+        self.progress, self.num_workers = progress, num_workers
+        self.dtype = autocast_dtype(cfg.precision, device)
+
+    def fit(self, method: Method, dataset: ImageTextDataset, collate, seed: int) -> Path:
+        """Train until the configured end, resuming from `run_dir/checkpoint.pt` when present.
+        Returns the path of the final weights."""
+        cfg = self.cfg
+        final = self.run_dir / FINAL
+        if final.exists():
+            return final
+        method.to(self.device)
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed)
+        steps_per_epoch = len(sampler.batches()) // cfg.accumulate
+        if steps_per_epoch == 0:
+            raise UserError(f"an epoch of {len(dataset)} samples is shorter than one optimiser step "
+                            f"(batch_size={cfg.batch_size} x accumulate={cfg.accumulate})")
+        total = steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total = min(total, int(cfg.max_steps))
+        optimizer = torch.optim.AdamW(param_groups(method, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      fused=self.device.type == "cuda")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(total, cfg.warmup_steps, cfg.min_lr_ratio))
+        step = self._resume(method, optimizer, schedule)
+        log = self._open_log(step)
+        bar = self._bar(total, step)
+        try:
+            while step < total:
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                sampler.set_epoch(epoch, skip=in_epoch * cfg.accumulate)
+                dataset.set_epoch(epoch)
+                # a private generator: creating a loader must not draw from the global RNG, or a resumed
+                # run (which creates one mid-epoch) would drift from an uninterrupted one
+                loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                    num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                                    generator=torch.Generator().manual_seed(seed))
+                batches = iter(loader)
+                for _ in range(steps_per_epoch - in_epoch):
+                    t0 = time.perf_counter()
+                    parts, n_images = self._optimizer_step(method, optimizer, batches, step)
+                    schedule.step()
+                    step += 1
+                    seconds = time.perf_counter() - t0
+                    row = {"step": step, "epoch": epoch, "lr": schedule.get_last_lr()[0],
+                           "images_per_s": n_images / seconds, **parts}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{parts['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+                    if step % cfg.checkpoint_every == 0 or step == total:
+                        self._save(method, optimizer, schedule, step)
+                    if step >= total:
+                        break
+        finally:
+            log.close()
+            if bar is not None:
+                bar.close()
+        atomic_torch_save(final, {"model": method.state_dict(), "step": step})
+        return final
+
+    def _optimizer_step(self, method: Method, optimizer, batches, step: int) -> tuple[dict, int]:
+        method.train()
+        totals: dict[str, float] = {}
+        n_images = 0
+        for _ in range(self.cfg.accumulate):
+            batch = next(batches).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                out = method.training_step(batch)
+            if not torch.isfinite(out.loss):
+                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
+                raise TrainingDiverged(
+                    f"loss became {float(out.loss)} at step {step + 1} ({parts}); the last good checkpoint "
+                    f"is kept in {self.run_dir}. Lower trainer.lr or enable trainer.grad_clip")
+            (out.loss / self.cfg.accumulate).backward()
+            n_images += len(batch)
+            for k, v in {"loss": out.loss.detach(), **out.parts}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.accumulate
+        if self.cfg.grad_clip:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return totals, n_images
+
+    def _save(self, method: Method, optimizer, schedule, step: int) -> None:
+        atomic_torch_save(self.run_dir / CHECKPOINT, {
+            "model": method.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "step": step, "rng": _rng_state(),
+        })
+
+    def _resume(self, method: Method, optimizer, schedule) -> int:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            return 0
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
+            raise UserError(f"{path}: checkpoint cannot be read ({exc}); delete it to start over") from None
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        _set_rng_state(state["rng"])
+        return int(state["step"])
+
+    def _open_log(self, step: int):
+        """metrics.jsonl keeps one row per optimiser step; rows past the checkpoint (from a killed run)
+        are dropped so the log matches the weights."""
+        path = self.run_dir / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if step and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    break  # a torn last line from a kill
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    def _bar(self, total: int, step: int):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)

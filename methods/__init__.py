@@ -1,0 +1,1 @@
+"""Method plugins. Each module registers itself with `bench.registry.register_method`."""

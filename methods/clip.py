@@ -1,0 +1,48 @@
+"""CLIP / ConVIRT-style baseline: two towers, linear projections, symmetric InfoNCE, learnable temperature."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from bench.losses import clip_loss
+from bench.method import Batch, Method, StepOutput
+from bench.registry import register_method
+from bench.towers import TextBatch, TextTower, VisionTower
+
+
+@register_method("clip")
+class CLIP(Method):
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        m = cfg.method
+        self.image_tower = VisionTower(cfg.model.image)
+        self.text_tower = TextTower(cfg.model.text, self.tokenizer.vocab_size)
+        dim = cfg.model.embed_dim
+        self.image_proj = nn.Linear(self.image_tower.width, dim, bias=False)
+        self.text_proj = nn.Linear(self.text_tower.width, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.temperature)),
+                                        requires_grad=m.learn_temperature)
+        self.max_logit_scale = math.log(m.max_logit_scale)
+        if m.freeze_text:
+            self.text_tower.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_tower(images)[0]
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.encode_image(images)), dim=-1)
+
+    def embed_text(self, text: TextBatch) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_tower(text)[0]), dim=-1)
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()
+        loss = clip_loss(self.embed_image(batch.images), self.embed_text(batch.text), scale)
+        return StepOutput(loss, {"itc": loss.detach(), "logit_scale": scale.detach()})
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale"}
