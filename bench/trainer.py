@@ -159,7 +159,7 @@ class Trainer:
             if not torch.isfinite(out.loss):
                 parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
                 raise TrainingDiverged(
-                    f"loss became {float(out.loss)} at step {step + 1} ({parts}); the last good checkpoint "
+                    f"loss became {float(out.loss.detach())} at step {step + 1} ({parts}); the last good checkpoint "
                     f"is kept in {self.run_dir}. Lower trainer.lr or enable trainer.grad_clip")
             (out.loss / self.cfg.accumulate).backward()
             n_images += len(batch)

@@ -47,7 +47,8 @@ def zero_shot(method: Method, manifest: pd.DataFrame, task: Task, cfg, device: t
         scores = sim_pos
     else:
         neg = _class_embeddings(method, task.negative_prompts, task.labels, device).cpu().numpy()
-        scale = float(getattr(method, "logit_scale", torch.tensor(np.log(100.0))).exp().clamp(max=100))
+        # the model's own temperature where it has one (CLIP's cap of 100 otherwise)
+        scale = min(100.0, float(method.logit_scale.detach().exp())) if hasattr(method, "logit_scale") else 100.0
         logits = scale * np.stack([sim_pos, images @ neg.T], axis=-1)
         logits -= logits.max(-1, keepdims=True)
         scores = np.exp(logits[..., 0]) / np.exp(logits).sum(-1)

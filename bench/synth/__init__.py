@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.errors import UserError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 # size -> (MIMIC studies, CheXpert train patients, CheXpert valid patients)
 SIZES = {"tiny": (96, 48, 40), "small": (2000, 600, 400), "medium": (12000, 4000, 1000)}
 MIMIC_DIR, CHEXPERT_DIR = "mimic-cxr-jpg", "CheXpert-v1.0-small"

@@ -42,11 +42,11 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
     def strength(f: Finding) -> float:
         return (0.5 if f.uncertain else 1.0) * (0.6 + 0.2 * f.severity)
 
-    # patient pose and build
-    dx, dy = rng.normal(0, 0.015, 2)
+    # patient pose and build, which vary far more than any finding does in real radiographs
+    dx, dy = rng.normal(0, 0.03, 2)
     x = x - dx
     y = y - dy
-    scale = rng.uniform(0.95, 1.05)
+    scale = rng.uniform(0.88, 1.12)
     img = np.full((height, width), 0.04, np.float32)
     img += 0.42 * _ellipse(x, y, 0.5, 0.58, 0.47 * scale, 0.62, 0.05)
 
@@ -153,9 +153,11 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
         img += 0.45 * line
 
     img = gaussian_filter(img, sigma=0.6 * height / 256)
-    img += rng.normal(0, 0.015, img.shape).astype(np.float32)
-    gamma = rng.uniform(0.85, 1.2)
-    img = np.clip(img, 0, 1) ** gamma
+    # exposure: brightness, contrast, a heel-effect gradient, detector noise and the display curve
+    tilt = rng.normal(0, 0.05, 2)
+    img = (img - 0.3) * rng.uniform(0.8, 1.2) + 0.3 + rng.normal(0, 0.04) + tilt[0] * (x - 0.5) + tilt[1] * (y - 0.5)
+    img += rng.normal(0, rng.uniform(0.01, 0.03), img.shape).astype(np.float32)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.75, 1.35)
     return (img * 255).astype(np.uint8)
 
 

@@ -88,9 +88,9 @@ def write_report(p: Patient, rng: np.random.Generator) -> tuple[str, str]:
 def mimic_report_file(findings: str, impression: str, rng: np.random.Generator, view: str) -> str:
     """The whole report file: banner, leading-space upper-case headers, 79-column wrapping, ___ for PHI."""
     def section(header: str, body: str) -> str:
-        wrapped = textwrap.fill(body, width=79, initial_indent=" " * (len(header) + 2),
-                                subsequent_indent=" ")
-        return f" {header}:" + wrapped[len(header) + 1:]
+        prefix = f" {header}: "
+        wrapped = textwrap.fill(body, width=79, initial_indent=" " * len(prefix), subsequent_indent=" ")
+        return prefix + wrapped[len(prefix):]
 
     views = "PA AND LAT" if view == "PA" else "PORTABLE AP"
     parts = [

@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# every test run uses the tiny synthetic benchmark and the tiny model, on few steps
+TINY = ["data.synthetic.size=tiny", "trainer.epochs=2", "trainer.batch_size=16", "trainer.checkpoint_every=2",
+        "runtime.progress=false", "eval.batch_size=64"]
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory) -> Path:
+    """One tiny synthetic benchmark for the whole session (MEDVLP_BENCH_DATA points at it)."""
+    home = tmp_path_factory.mktemp("data")
+    os.environ["MEDVLP_BENCH_DATA"] = str(home)
+    from bench.synth import ensure_synthetic
+
+    ensure_synthetic(home / "synthetic-tiny-0", "tiny", 0)
+    return home
+
+
+@pytest.fixture()
+def tiny_cfg(data_home, tmp_path):
+    from bench.config import compose_config
+
+    def make(method: str = "clip", ablation: str = "none", seed: int = 0, extra: tuple[str, ...] = ()):
+        return compose_config(method, ablation, seed, [*TINY, f"results_dir={tmp_path / 'results'}", *extra])
+
+    return make
+

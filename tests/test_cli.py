@@ -1,0 +1,53 @@
+import json
+
+from conftest import TINY
+from tests_support import bench_cli
+
+
+def test_run_then_table_end_to_end(data_home, tmp_path):
+    results = tmp_path / "results"
+    run = bench_cli("run", "--method", "clip", "--results-dir", str(results), *TINY)
+    assert run.returncode == 0, run.stderr
+    assert "| clip" in run.stdout and "| random-init" in run.stdout
+    records = sorted(results.glob("records/*/*.json"))
+    assert len(records) == 4  # (clip, random-init) x (zero-shot, linear-probe)
+    rec = json.loads(records[0].read_text())
+    for field in ("metrics", "per_class", "config", "config_hash", "git", "libraries", "device", "wall_time_s",
+                  "splits", "checkpoint", "predictions_file", "pretrain_seed", "eval_seed", "fraction"):
+        assert field in rec, field
+    assert (records[0].parent / rec["predictions_file"]).exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in records}
+    again = bench_cli("run", "--method", "clip", "--results-dir", str(results), *TINY)
+    assert again.returncode == 0, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in records} == stamps, "finished evaluations are skipped"
+
+    table = bench_cli("table", "--metric", "auc", "--results-dir", str(results))
+    assert table.returncode == 0 and "chexpert zero-shot" in table.stdout and "(n=1)" in table.stdout
+    latex = bench_cli("table", "--format", "latex", "--results-dir", str(results))
+    assert "\\begin{tabular}" in latex.stdout
+
+
+def test_list_and_help():
+    out = bench_cli("list")
+    assert out.returncode == 0
+    assert "clip: none, fixed-temperature, frozen-text" in out.stdout
+    assert "chexpert" in out.stdout and "linear-probe" in out.stdout
+    assert "--ablation" in bench_cli("run", "--help").stdout
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
+    cases = [
+        (["run", "--method", "nope"], "valid methods: clip"),
+        (["run", "--method", "clip", "--ablation", "nope"], "valid ablations: none"),
+        (["run", "--method", "clip", "trainer.epochs"], "malformed override"),
+        (["run", "--method", "clip", "data=real"], "data.pretrain.root"),
+        (["run", "--method", "clip", "data=real", f"data.pretrain.root={tmp_path}/absent",
+          f"data.downstream.chexpert.root={tmp_path}/absent"], "does not exist"),
+        (["table", "--results-dir", str(tmp_path)], "no results records"),
+    ]
+    for args, message in cases:
+        out = bench_cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_dir_of(results_dir) -> Path:
+    runs = sorted(Path(results_dir).glob("runs/*/"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def bench_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    exe = Path(sys.executable).with_name("bench")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def record_key(i: int, worker: int):
+    from bench.results import RecordKey
+
+    return RecordKey("clip", "none", "abcdef0123456789", worker, "chexpert", "zero-shot", 1.0, i, "e0e0e0e0")
+
+
+def write_records(root: str, worker: int, n: int, shared_key: bool) -> None:
+    import pandas as pd
+
+    from bench.results import ResultsStore
+
+    store = ResultsStore(root)
+    for i in range(n):
+        key = record_key(0, 0) if shared_key else record_key(i, worker)
+        preds = pd.DataFrame({"sample_id": [f"s{j}" for j in range(50)], "score/A": [worker] * 50})
+        store.write(key, {"metrics": {"auc": 0.5 + worker / 10}, "payload": "x" * 20000}, preds)
