@@ -10,11 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-if not CONFIG_DIR.is_dir():  # installed: the configs ship inside the package as bench.configs
-    import bench.configs
+import bench.configs
 
-    CONFIG_DIR = Path(bench.configs.__file__).parent
+# configs/ ships inside the package as bench.configs (an editable install maps it to the checkout's configs/)
+CONFIG_DIR = Path(bench.configs.__file__).resolve().parent
 
 NO_ABLATION = "none"
 # keys that say how a run executes or where it writes, not what it computes

@@ -1,5 +1,5 @@
 """Dataset adapters: each reads one dataset's real on-disk format into the common manifest."""
 from __future__ import annotations
 
-from bench.datasets.base import Adapter, Task, get_adapter, register_adapter, adapter_names  # noqa: F401
+from bench.datasets.base import Adapter, Task, adapter_names, get_adapter, register_adapter  # noqa: F401
 from bench.datasets import chexpert, mimic_cxr  # noqa: F401  (registration)

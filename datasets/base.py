@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 
 from bench.errors import UserError
 
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

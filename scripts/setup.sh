@@ -8,6 +8,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 constraints=(-c constraints-cpu.txt)
 [ "${MEDVLP_NO_CPU_PIN:-0}" = 1 ] && constraints=()
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -qq "${constraints[@]}" ".[test]"
 .venv/bin/bench --help >/dev/null  # fails loudly if the install did not work

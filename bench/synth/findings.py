@@ -22,7 +22,6 @@ PREVALENCE = {
     "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.08, "Lung Lesion": 0.10,
     "Enlarged Cardiomediastinum": 0.08, "Support Devices": 0.20, "Fracture": 0.05, "Pleural Other": 0.05,
 }
-DRAWN = list(PREVALENCE)
 OPACITIES = ("Consolidation", "Pneumonia", "Edema", "Atelectasis", "Lung Lesion")
 # absent findings a radiologist commonly states as negative
 ROUTINELY_NEGATED = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Edema", "Cardiomegaly")
