@@ -7,14 +7,19 @@ from bench.results import ResultsStore
 from tests_support import record_key as _key, write_records as _writer
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+def _two_writers(root, n: int, shared_key: bool) -> None:
+    """Two processes writing n records each at the same time (all to one key if `shared_key`)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 40, False)) for w in (1, 2)]
+    procs = [ctx.Process(target=_writer, args=(str(root), w, n, shared_key)) for w in (1, 2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    _two_writers(tmp_path, 40, shared_key=False)
     records = ResultsStore(tmp_path).records()
     assert len(records) == 80
     assert sorted((r["pretrain_seed"], r["eval_seed"]) for r in records) == sorted(
@@ -23,13 +28,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
 
 
 def test_writers_racing_on_one_record_leave_one_whole_record(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 30, True)) for w in (1, 2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    _two_writers(tmp_path, 30, shared_key=True)
     (path,) = list(tmp_path.glob("records/*/*.json"))
     record = json.loads(path.read_text())  # parses: never torn
     assert record["metrics"]["auc"] in (0.6, 0.7)
