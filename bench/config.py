@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -83,8 +84,6 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
 
 def _valid_options_hint(message: str) -> str:
     """For 'Could not find 'model/xyz'' errors, list what the group offers."""
-    import re
-
     m = re.search(r"Could not find '([\w/.-]+)/[^/']+'", message)
     if not m:
         return ""

@@ -31,11 +31,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Long form: one row per (row key, column key) with mean, std (ddof=1), n of the finite values and
     the number of records (a record without the metric still counts as a record)."""
     keys = ["method", "ablation", "pretrain_hash", "dataset", "protocol", "fraction"]
-    out = df.groupby(keys, dropna=False)["value"].agg(
+    return df.groupby(keys, dropna=False)["value"].agg(
         mean=lambda v: v.dropna().mean() if v.notna().any() else np.nan,
         std=lambda v: v.dropna().std(ddof=1) if v.notna().sum() > 1 else np.nan,
         n="count", records="size").reset_index()
-    return out
 
 
 def _cell(mean: float, std: float, n: int) -> str:

@@ -39,7 +39,7 @@ class MimicCxrJpg(Adapter):
     name = "mimic-cxr"
     task = Task(labels=LABELS, multilabel=True, metric="auc")
 
-    def _csv(self, stem: str) -> pd.DataFrame:
+    def _csv(self, stem: str) -> tuple[pd.DataFrame, Path]:
         path = self.require(f"{stem}.csv", f"{stem}.csv.gz")
         return read_csv(path), path
 
