@@ -9,9 +9,11 @@ from bench.errors import TrainingDiverged, UserError
 EPILOG = """examples:
   bench run --method clip                         pretrain + evaluate on the synthetic benchmark
   bench run --method clip --ablation fixed-temperature --seed 1 trainer.epochs=2
-  bench run --method clip data=real data.pretrain.root=/data/mimic-cxr-jpg/2.0.0 \\
-            data.downstream.chexpert.root=/data/CheXpert-v1.0-small model=base
+  bench run --method clip data.mimic-cxr.root=/data/mimic-cxr-jpg/2.0.0 \\
+            data.chexpert.root=/data/CheXpert-v1.0-small model=base
   bench table --metric auc
+  bench data synth --size tiny --out /tmp/synthetic
+  bench data inspect chexpert --root /data/CheXpert-v1.0-small --json --set uncertain_policy=ones
   bench list
 """
 
@@ -44,6 +46,38 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
     table.add_argument("--results-dir", default="results", help="results root (default: ./results)")
 
+    data = sub.add_parser("data", help="generate the synthetic benchmark; inspect a dataset root",
+                          description="Dataset tools.")
+    data_sub = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic benchmark (all six datasets, real layouts)",
+                                description="Write the built-in synthetic benchmark: MIMIC-CXR-JPG, CheXpert, "
+                                            "RSNA, SIIM-ACR, COVIDx and NIH ChestX-ray14 in their real on-disk "
+                                            "formats. Deterministic by seed; an existing complete copy is kept.")
+    synth.add_argument("--out", default=None, help="folder to write (default: the configured synthetic root)")
+    synth.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 4)")
+    inspect = data_sub.add_parser("inspect", help="summarise a dataset root from its metadata files",
+                                  description="Build DATASET's manifest from the metadata under --root and "
+                                              "report samples, patients, splits, label counts and missing "
+                                              "image files.")
+    inspect.add_argument("dataset", help="adapter name (see `bench list`)")
+    inspect.add_argument("--root", required=True, help="the dataset folder, as downloaded")
+    inspect.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    inspect.add_argument("--strict", action="store_true",
+                         help="missing or unreadable images are an error (decodes every image)")
+    inspect.add_argument("--workers", type=int, default=0, help="decoding processes for --strict")
+    inspect.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                         help="a dataset option, e.g. --set uncertain_policy=ones (repeatable)")
+    speed = data_sub.add_parser("throughput", help="images/s with and without the preprocessed-image cache",
+                                description="Time decode+resize+normalise per image on DATASET's images: "
+                                            "without the cache, filling it, and reading it.")
+    speed.add_argument("dataset")
+    speed.add_argument("--root", required=True)
+    speed.add_argument("--image-size", type=int, default=224)
+    speed.add_argument("--limit", type=int, default=500, help="images to time (default 500)")
+    speed.add_argument("--cache-dir", default=None, help="where to put the timed cache (default: a temp dir)")
+
     sub.add_parser("list", help="registered methods and their ablations, datasets, protocols",
                    description="Print the registered methods with their ablations, the datasets and the protocols.")
     return p
@@ -70,6 +104,42 @@ def _table(args: argparse.Namespace) -> None:
     print(build_table(ResultsStore(args.results_dir).records(), args.metric, args.protocol, args.format))
 
 
+def _data(args: argparse.Namespace) -> None:
+    if args.data_verb == "synth":
+        import os
+        from pathlib import Path
+
+        from bench.synth import DATASETS, ensure_synthetic
+
+        default = Path(os.environ.get("MEDVLP_BENCH_DATA", "~/.cache/medvlp-bench")) / \
+            f"synthetic-{args.size}-{args.seed}"
+        root = ensure_synthetic(Path(args.out or default).expanduser(), args.size, args.seed, args.workers)
+        for name, (folder, _) in DATASETS.items():
+            print(f"{name:<10} {root / folder}")
+        return
+    import json
+
+    from bench.datasets import get_adapter
+    from bench.inspection import default_settings, render, summarise, throughput
+
+    adapter = get_adapter(args.dataset)(args.root, default_settings(args.dataset, getattr(args, "settings", [])))
+    if args.data_verb == "inspect":
+        summary = summarise(adapter, args.strict, args.workers)
+        task = adapter.task
+        print(json.dumps(summary) if args.json else render(summary, task.kind, task.metric))
+        return
+    paths = adapter.read(with_reports=False)["image_path"]
+    import os
+
+    paths = [p for p in paths if os.path.exists(p)][:args.limit]
+    if not paths:
+        raise UserError(f"{args.dataset}: no image files found under {args.root}")
+    rates = throughput(paths, args.image_size, 0.5, 0.25, args.cache_dir)
+    print(f"{args.dataset}: {len(paths)} images at {args.image_size}px, images/s: "
+          f"no cache {rates['decode_every_time']:.0f} | filling the cache {rates['cache_fill']:.0f} | "
+          f"from the cache {rates['cache_read']:.0f} ({rates['speedup']:.1f}x)")
+
+
 def _list() -> None:
     from bench.config import ablation_names
     from bench.datasets import adapter_names, get_adapter
@@ -81,9 +151,8 @@ def _list() -> None:
         print(f"  {m}: {', '.join(ablation_names(m))}")
     print("datasets:")
     for d in adapter_names():
-        task = get_adapter(d).task
-        kind = "multi-label" if task.multilabel else "multi-class"
-        print(f"  {d}: {len(task.labels)} labels, {kind}, metric {task.metric}")
+        adapter = get_adapter(d)
+        print(f"  {d}: {adapter.description}")
     print("protocols:")
     for name in PROTOCOLS:
         print(f"  {name}")
@@ -100,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.verb == "table":
             _table(args)
+        elif args.verb == "data":
+            _data(args)
         elif args.verb == "list":
             _list()
     except UserError as exc:

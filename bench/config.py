@@ -107,16 +107,41 @@ def config_hash(cfg: DictConfig) -> str:
     return stable_hash({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
 
 
+def dataset_settings(cfg: DictConfig, name: str) -> DictConfig:
+    """`data.<name>`, or the entry a dataset variant shares (chexpert-5x200 reads `data.chexpert`)."""
+    from bench.datasets import get_adapter
+
+    key = get_adapter(name).config_key or name
+    if key not in cfg.data:
+        raise UserError(f"dataset {name!r} has no settings: data.{key} is missing from the config")
+    return cfg.data[key]
+
+
+def dataset_identity(cfg: DictConfig, name: str) -> dict:
+    """What decides a dataset's samples: its settings, the corrupt-image policy, and, when it reads the
+    synthetic copy (root null), the generator's parameters. Cache and split folders are left out."""
+    from bench.synth import GENERATOR_VERSION
+
+    settings = to_plain(dataset_settings(cfg, name))
+    out = {"dataset": name, "settings": settings, "corrupt_images": cfg.data.corrupt_images}
+    if settings.get("root") is None:
+        out["synthetic"] = {"size": cfg.data.synthetic.size, "seed": cfg.data.synthetic.seed,
+                            "generator_version": GENERATOR_VERSION}
+    return out
+
+
 def pretrain_hash(cfg: DictConfig) -> str:
     """What decides a pretrained checkpoint except its seed: runs that differ only in seed share it, and
-    tables aggregate seeds within it."""
+    tables aggregate seeds within it. Of `data`, only the pretraining corpus counts."""
     plain = to_plain(cfg)
-    return stable_hash({k: v for k, v in plain.items() if k not in (*NON_SEMANTIC, "seed", "eval")})
+    kept = {k: v for k, v in plain.items() if k not in (*NON_SEMANTIC, "seed", "eval", "data")}
+    return stable_hash({**kept, "data": dataset_identity(cfg, cfg.data.pretrain)})
 
 
-def eval_hash(cfg: DictConfig, protocol: str) -> str:
-    """The settings of one evaluation protocol (its section of `eval`, plus the shared ones)."""
+def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:
+    """The settings of one evaluation (its protocol's section of `eval`, the shared ones, the dataset's)."""
     e = to_plain(cfg.eval)
     shared = {k: v for k, v in e.items() if k not in ("datasets", "protocols", "random_init_baseline")
               and not isinstance(v, dict)}
-    return stable_hash({"protocol": protocol, "shared": shared, "own": e.get(protocol.replace("-", "_"), {})})
+    return stable_hash({"protocol": protocol, "shared": shared, "own": e.get(protocol.replace("-", "_"), {}),
+                        "data": dataset_identity(cfg, dataset)})

@@ -18,3 +18,17 @@ def macro(per_class: dict[str, float]) -> float:
     """Mean over the classes where the metric is defined; NaN if none is."""
     values = [v for v in per_class.values() if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def accuracy(y_onehot: np.ndarray, scores: np.ndarray) -> float:
+    return float((y_onehot.argmax(1) == scores.argmax(1)).mean()) if len(y_onehot) else float("nan")
+
+
+def task_metrics(multiclass: bool, y: np.ndarray, scores: np.ndarray,
+                 labels: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Macro AUC (one-vs-rest) for every task, and accuracy of the arg-max class for multi-class tasks."""
+    per_class = auc_per_class(y, scores, labels)
+    metrics = {"auc": macro(per_class)}
+    if multiclass:
+        metrics["acc"] = accuracy(y, scores)
+    return metrics, {"auc": per_class}

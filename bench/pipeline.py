@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,17 +13,18 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import config_hash, eval_hash, pretrain_hash, stable_hash, to_plain
+from bench.config import config_hash, dataset_settings, eval_hash, pretrain_hash, stable_hash, to_plain
 from bench.data import ImagePreprocessor, ImageTextDataset, collate_fn
 from bench.datasets import Task, get_adapter
-from bench.datasets.base import split_hashes
 from bench.errors import UserError
 from bench.evaluation import PROTOCOLS
+from bench.images import ImageCache, usable
 from bench.io import atomic_write_text
 from bench.method import Method
 from bench.provenance import device_info, git_state, library_versions
 from bench.registry import get_method
 from bench.results import RecordKey, ResultsStore
+from bench.splits import SplitFiles, materialise
 from bench.trainer import Trainer, resolve_device, seed_everything
 
 RANDOM_INIT = "random-init"
@@ -35,20 +37,48 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def prepare_data(cfg: DictConfig) -> None:
-    """Generate the synthetic benchmark on first use; real data must already be there."""
-    if cfg.data.get("synthetic"):
-        from bench.synth import ensure_synthetic
+def dataset_root(cfg: DictConfig, name: str) -> Path:
+    """The dataset's configured root, or its copy in the synthetic benchmark (generated on first use)."""
+    settings = dataset_settings(cfg, name)
+    if settings.root is not None:
+        return Path(os.path.expanduser(str(settings.root)))
+    from bench.synth import dataset_dir, ensure_synthetic
 
-        ensure_synthetic(Path(os.path.expanduser(cfg.data.root)), cfg.data.synthetic.size, cfg.data.synthetic.seed)
+    syn = cfg.data.synthetic
+    root = ensure_synthetic(Path(os.path.expanduser(syn.root)), syn.size, int(syn.seed))
+    return root / dataset_dir(get_adapter(name).config_key or name)
 
 
-def load_dataset(name: str, dataset_cfg: DictConfig) -> tuple[pd.DataFrame, Task]:
-    adapter = get_adapter(name)(os.path.expanduser(dataset_cfg.root), dataset_cfg)
-    manifest = adapter.read()
+@dataclass
+class LoadedDataset:
+    """A dataset ready to evaluate or train on: its manifest without unreadable images, its task, its
+    frozen split files and the image cache and preprocessing of the model preset."""
+
+    name: str
+    manifest: pd.DataFrame
+    task: Task
+    splits: SplitFiles
+    cache: ImageCache
+    image_cfg: DictConfig
+
+    def preprocessor(self, augment: bool) -> ImagePreprocessor:
+        image = self.image_cfg
+        return ImagePreprocessor(image.image_size, image.mean, image.std, augment, image.get("channels", 3))
+
+
+def load_dataset(cfg: DictConfig, name: str, with_reports: bool = False) -> LoadedDataset:
+    adapter = get_adapter(name)(dataset_root(cfg, name), dataset_settings(cfg, name))
+    manifest = adapter.read(with_reports=with_reports)
     if manifest.empty:
         raise UserError(f"{name}: no usable samples under {adapter.root}")
-    return manifest, adapter.task
+    cache = ImageCache(cfg.data.cache_dir, int(cfg.model.image.image_size))
+    ok = usable(cache, manifest["image_path"], cfg.data.corrupt_images, f"{name} ({adapter.root})",
+                int(cfg.runtime.num_workers))
+    manifest = manifest[ok].reset_index(drop=True)
+    if manifest.empty:
+        raise UserError(f"{name}: none of the images under {adapter.root} can be read")
+    splits = materialise(manifest, adapter.task, name, cfg.data.splits_dir)
+    return LoadedDataset(name, manifest, adapter.task, splits, cache, cfg.model.image)
 
 
 def build_method(cfg: DictConfig, seed: int) -> Method:
@@ -64,12 +94,10 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tupl
     method = build_method(cfg, cfg.seed)
     final = run_dir / "final.pt"
     if not final.exists():
-        p = cfg.data.pretrain
-        manifest, _ = load_dataset(p.dataset, p)
-        train = manifest[manifest["split"] == "train"].reset_index(drop=True)
-        image = cfg.model.image
+        data = load_dataset(cfg, cfg.data.pretrain, with_reports=True)
+        train = data.splits.rows("train")
         dataset = ImageTextDataset(train["image_path"], train["report"], train["sample_id"],
-                                   ImagePreprocessor(image.image_size, image.mean, image.std, augment=True), cfg.seed)
+                                   data.preprocessor(augment=True), data.cache, cfg.seed)
         trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress, cfg.runtime.num_workers)
         trainer.fit(method, dataset, collate_fn(method.tokenizer), cfg.seed)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
@@ -94,25 +122,27 @@ def evaluate(cfg: DictConfig, method: Method, identity: tuple[str, str, str], ch
     written = []
     ckpt = {"path": str(checkpoint), "sha256": _sha256(checkpoint)} if checkpoint else None
     for dataset in cfg.eval.datasets:
-        if dataset not in cfg.data.downstream:
-            raise UserError(f"eval dataset {dataset!r} has no entry under data.downstream "
-                            f"(configured: {', '.join(cfg.data.downstream)})")
-        manifest = task = None
+        get_adapter(dataset)
+        data = None
         for protocol in cfg.eval.protocols:
             fraction = float(cfg.eval.linear_probe.fraction) if protocol == "linear-probe" else 1.0
             key = RecordKey(name, ablation, phash, int(cfg.seed), dataset, protocol, fraction,
-                            int(cfg.eval.seed), eval_hash(cfg, protocol))
+                            int(cfg.eval.seed), eval_hash(cfg, protocol, dataset))
             if store.exists(key) and not force:
                 continue
-            if manifest is None:
-                manifest, task = load_dataset(dataset, cfg.data.downstream[dataset])
+            if data is None:
+                data = load_dataset(cfg, dataset)
+            data.splits.used.clear()
             started = time.time()
-            out = PROTOCOLS[protocol](method, manifest, task, cfg, device, cfg.runtime.num_workers)
+            out = PROTOCOLS[protocol](method, data, cfg, device, cfg.runtime.num_workers)
+            task = data.task
             record = {
                 "metrics": out["metrics"], "per_class": out["per_class"], "n_test": out["n_test"],
-                "chosen": out.get("chosen", {}), "task": {"labels": task.labels, "metric": task.metric},
+                "chosen": out.get("chosen", {}),
+                "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
                 "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": ckpt,
-                "splits": split_hashes(manifest), "git": git_state(), "libraries": library_versions(),
+                "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used)},
+                "git": git_state(), "libraries": library_versions(),
                 "device": device_info(device), "wall_time_s": round(time.time() - started, 3),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
@@ -127,7 +157,6 @@ def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
         torch.set_num_threads(int(cfg.runtime.threads))
     device = resolve_device(cfg.runtime.device)
     store = ResultsStore(cfg.results_dir)
-    prepare_data(cfg)
     method, final = pretrain(cfg, store, device)
     evaluate(cfg, method, (cfg.method.name, cfg.ablation, pretrain_hash(cfg)), final, store, device, force)
     if cfg.eval.random_init_baseline:

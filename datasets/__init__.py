@@ -2,4 +2,4 @@
 from __future__ import annotations
 
 from bench.datasets.base import Adapter, Task, adapter_names, get_adapter, register_adapter  # noqa: F401
-from bench.datasets import chexpert, mimic_cxr  # noqa: F401  (registration)
+from bench.datasets import chexpert, covidx, mimic_cxr, nih, rsna, siim  # noqa: F401  (registration)

@@ -1,45 +1,67 @@
-"""The common manifest and the task description every evaluator consumes.
+"""The common manifest, the task description every evaluator consumes, and what all adapters share.
 
 A manifest is a pandas DataFrame with one row per image: `sample_id`, `patient_id`, `image_path`
-(absolute), `split` (train/val/test), one float column per label of the task, and `report` where the
-dataset has reports. Splits are patient-disjoint.
+(absolute), `split` (train/val/test, plus named evaluation sets such as CheXpert's `5x200`), one float
+column per label of the task (0/1 after the uncertain-label policy; one-hot for multi-class tasks) and
+`report` where the dataset has reports. Splits are patient-disjoint. `manifest.attrs["uncertain"]` counts
+the raw uncertain (-1) values per label before any policy.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
 from bench.errors import UserError
 
+MANIFEST_COLUMNS = ["sample_id", "patient_id", "image_path", "split"]
+METRICS = ("auc", "acc")
 
 
 @dataclass(frozen=True)
 class Task:
     labels: list[str]
-    multilabel: bool
-    metric: str  # the metric the field reports for this dataset (DATASETS.md §11)
+    multilabel: bool  # False: exactly one of `labels` per sample (multi-class); a 1-label task is binary
+    metric: str  # the metric the field reports for this dataset (DATASETS.md §11): "auc" or "acc"
     prompts: dict[str, list[str]] = field(default_factory=dict)  # class -> positive prompts
     negative_prompts: dict[str, list[str]] = field(default_factory=dict)  # class -> "no <finding>" prompts
 
+    @property
+    def kind(self) -> str:
+        return "binary" if len(self.labels) == 1 else "multi-label" if self.multilabel else "multi-class"
+
+
+def finding_task(labels: list[str], metric: str = "auc", names: dict[str, str] | None = None) -> Task:
+    """A multi-label (or, with one label, binary) task with CheXzero's "<finding>" / "no <finding>" prompts."""
+    names = names or {}
+    text = {c: names.get(c, c.replace("_", " ").lower()) for c in labels}
+    return Task(labels=labels, multilabel=True, metric=metric, prompts={c: [t] for c, t in text.items()},
+                negative_prompts={c: [f"no {t}"] for c, t in text.items()})
+
 
 class Adapter:
-    """Reads a dataset root into a manifest. Subclasses set `name`, `task` and implement `read`."""
+    """Reads a dataset root into a manifest. Subclasses set `name` and `task` and implement `read`.
+
+    `read(with_reports=False)` may skip reading report text (metadata-only inspection of big corpora).
+    """
 
     name: ClassVar[str] = ""
-    task: ClassVar[Task]
+    config_key: ClassVar[str] = ""  # the `data.<key>` entry it reads, when not its own name
+    task: Task  # a class attribute, or a property where the files decide it (COVIDx's two vocabularies)
+    description: ClassVar[str] = ""
 
-    def __init__(self, root: str | Path, cfg: DictConfig | None = None):
+    def __init__(self, root: str | Path, cfg: DictConfig | dict | None = None):
         self.root = Path(root).expanduser()
-        self.cfg = cfg
+        self.cfg = cfg if cfg is not None else {}
         if not self.root.is_dir():
-            raise UserError(f"{self.name}: data root {self.root} does not exist")
+            raise UserError(f"{self.name}: data root {self.root} does not exist or is not a folder")
 
-    def read(self) -> pd.DataFrame:
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
         raise NotImplementedError
 
     def require(self, *names: str) -> Path:
@@ -50,18 +72,27 @@ class Adapter:
         raise UserError(f"{self.name}: {self.root} has none of {', '.join(names)}")
 
 
-def split_hashes(manifest: pd.DataFrame) -> dict[str, str]:
-    """SHA-256 of each split's sorted sample ids: records carry them so results name their exact data."""
-    out = {}
-    for split, ids in manifest.groupby("split")["sample_id"]:
-        out[str(split)] = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()
-    return out
+def patient_fold(patient_ids: Iterable[str], salt: str) -> np.ndarray:
+    """A stable number in [0, 1) per patient: deterministic, patient-disjoint splits without stored state.
+    Computed once per distinct patient, so a 200k-row manifest costs milliseconds."""
+    ids = pd.Series(list(patient_ids), dtype=str)
+    unique = ids.unique()
+    values = {p: int.from_bytes(hashlib.sha256(f"{salt}:{p}".encode()).digest()[:8], "big") / 2**64
+              for p in unique}
+    return ids.map(values).to_numpy(dtype=float)
 
 
-def patient_fold(patient_id: str, salt: str) -> float:
-    """A stable number in [0, 1) per patient: deterministic, patient-disjoint splits without stored state."""
-    digest = hashlib.sha256(f"{salt}:{patient_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def hash_split(patient_ids: Iterable[str], salt: str, val: float, test: float) -> np.ndarray:
+    """train/val/test by patient hash: the documented split for datasets without an official one."""
+    if not (0 <= val and 0 <= test and val + test < 1):
+        raise UserError(f"val and test fractions must be >= 0 and sum below 1, got {val} and {test}")
+    u = patient_fold(patient_ids, salt)
+    return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
+
+
+def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
+    counts = manifest.groupby("patient_id")["split"].nunique()
+    return sorted(counts[counts > 1].index.astype(str))
 
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
@@ -86,12 +117,39 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
     """pandas.read_csv with one-line errors naming the file (gzip is recognised by the suffix)."""
     try:
         return pd.read_csv(path, **kwargs)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as exc:
-        raise UserError(f"{path}: cannot be read as CSV ({exc})") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError,
+            ValueError) as exc:
+        raise UserError(f"{path}: cannot be read as CSV ({' '.join(str(exc).split())})") from None
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
+        found = ", ".join(map(repr, df.columns[:20]))
+        raise UserError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (found {found})")
 
+
+def label_values(df: pd.DataFrame, columns: list[str], path: Path, allowed: tuple[float, ...] = (1.0, 0.0, -1.0),
+                 header_lines: int = 1) -> pd.DataFrame:
+    """The label columns as floats (blank = NaN); any other value is an error naming file, line and column."""
+    out = {}
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = (values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")) | \
+            (values.notna() & ~values.isin(allowed))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: line {i + 1 + header_lines}: column {col!r} has value {str(df[col].iloc[i])!r}; "
+                            f"expected one of {', '.join(map(str, allowed))} or blank")
+        out[col] = values.astype(float)
+    return pd.DataFrame(out, index=df.index)
+
+
+def count_uncertain(raw: pd.DataFrame) -> dict[str, int]:
+    return {str(c): int((raw[c] == -1.0).sum()) for c in raw.columns}
+
+
+def missing_images(paths: Iterable[str]) -> int:
+    import os
+
+    return sum(not os.path.exists(p) for p in paths)

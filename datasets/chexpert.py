@@ -1,23 +1,37 @@
 """CheXpert (Stanford): train.csv/valid.csv whose `Path` starts with the root folder's own name.
 
-Splits (documented rule): test = the official valid.csv (radiologist consensus, 0/1); val = the training
-patients whose stable hash falls below `val_fraction`; train = the other training patients. Frontal
-views only by default, as in GLoRIA/MGCA. Uncertain labels (-1) follow `uncertain_policy`:
-`zeros` (U-Zeros), `ones` (U-Ones) or `gloria` (the GLoRIA/MGCA per-class mapping, the default).
-Blank (not mentioned) counts as negative under every policy.
+Splits (documented rule):
+- `test`: the study-level `groundtruth.csv` (CheXpert test set, 500 studies; at `<root>/groundtruth.csv` or
+  `<root>/test/groundtruth.csv`) when present, one image per study (`view1_frontal.jpg`, as CheXzero);
+  otherwise the official valid.csv (radiologist consensus, 0/1).
+- `val`: valid.csv when the test set is present; otherwise the training patients whose stable hash falls
+  below `val_fraction`.
+- `5x200`: the zero-shot set built by GLoRIA/MGCA's rule (frontal training images with exactly one positive
+  competition label among the five after blank->0, 200 per class, drawn with seed `five_by_200_seed`);
+  these images leave the training split, as in GLoRIA/MGCA, and so do their patients' other images
+  (GLoRIA keeps them in train, which puts one patient on both sides). Fewer than 200 where a class has fewer.
+- `train`: the remaining training patients.
+Frontal views only by default (`frontal_only`). Uncertain labels (-1) follow `uncertain_policy`: `zeros`
+(U-Zeros), `ones` (U-Ones) or `gloria` (GLoRIA/MGCA per-class mapping, the default). Blank (not mentioned)
+counts as negative under every policy.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from bench.datasets.base import Adapter, Task, patient_fold, read_csv, register_adapter, require_columns
+from bench.datasets.base import (Adapter, Task, count_uncertain, finding_task, label_values, patient_fold,
+                                 read_csv, register_adapter, require_columns)
 from bench.errors import UserError
 
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+ALL_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+              "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+              "Fracture", "Support Devices"]
 GLORIA_UNCERTAIN = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0,
                     "Pleural Effusion": 1.0}
 POLICIES = ("zeros", "ones", "gloria")
+FIVE_BY_200 = "5x200"
 
 
 def apply_uncertain_policy(labels: pd.DataFrame, policy: str) -> pd.DataFrame:
@@ -30,43 +44,100 @@ def apply_uncertain_policy(labels: pd.DataFrame, policy: str) -> pd.DataFrame:
     return out
 
 
+def five_by_200(frame: pd.DataFrame, raw: pd.DataFrame, seed: int, per_class: int = 200) -> pd.Index:
+    """GLoRIA/MGCA's CheXpert 5x200 rule: among frontal rows, with blank as 0, those whose competition
+    labels are exactly one-hot (uncertain -1 rows never match); `per_class` drawn per class with `seed`."""
+    filled = raw[COMPETITION].fillna(0.0)
+    chosen = []
+    for i, name in enumerate(COMPETITION):
+        target = np.eye(len(COMPETITION))[i]
+        rows = frame.index[(filled.to_numpy() == target).all(axis=1)]
+        rng = np.random.default_rng([seed, i])
+        chosen.extend(rng.choice(rows, size=min(per_class, len(rows)), replace=False))
+    return pd.Index(sorted(chosen))
+
+
 @register_adapter
 class CheXpert(Adapter):
     name = "chexpert"
-    task = Task(
-        labels=COMPETITION,
-        multilabel=True,
-        metric="auc",
-        prompts={c: [c.lower()] for c in COMPETITION},
-        negative_prompts={c: [f"no {c.lower()}"] for c in COMPETITION},
-    )
+    description = "CheXpert: 5 competition labels, multi-label AUC; the 5x200 set for zero-shot accuracy"
+    task = finding_task(COMPETITION)
 
-    def read(self) -> pd.DataFrame:
-        cfg = self.cfg or {}
-        policy = cfg.get("uncertain_policy", "gloria")
+    def _read_listing(self, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        path = self.require(file)
+        df = read_csv(path, dtype={"Path": str})
+        require_columns(df, ["Path", "Frontal/Lateral", *COMPETITION], path)
+        raw = label_values(df, [c for c in ALL_LABELS if c in df.columns], path)
+        if self.cfg.get("frontal_only", True):
+            keep = df["Frontal/Lateral"] == "Frontal"
+            df, raw = df[keep], raw[keep]
+        # `Path` is relative to the folder that holds the root: drop its first component
+        rel = df["Path"].str.split("/", n=1).str[1]
+        patient = rel.str.extract(r"(patient\d+)", expand=False)
+        bad = rel.isna() | patient.isna()
+        if bad.any():
+            line = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: line {df.index[line] + 2}: Path {df['Path'].iloc[line]!r} is not "
+                            f"<dataset folder>/<part>/patientNNNNN/...")
+        frame = pd.DataFrame({"sample_id": rel.values, "patient_id": patient.values,
+                              "image_path": [str(self.root / r) for r in rel]}, index=df.index)
+        return frame, raw
+
+    def _test_set(self) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+        for name in ("groundtruth.csv", "test/groundtruth.csv"):
+            path = self.root / name
+            if path.exists():
+                df = read_csv(path, dtype={"Study": str})
+                require_columns(df, ["Study", *COMPETITION], path)
+                raw = label_values(df, COMPETITION, path, allowed=(0.0, 1.0))
+                rel = df["Study"].str.split("/", n=1).str[1] + "/view1_frontal.jpg"
+                frame = pd.DataFrame({"sample_id": rel.values,
+                                      "patient_id": rel.str.extract(r"(patient\d+)", expand=False).values,
+                                      "image_path": [str(self.root / r) for r in rel]})
+                return frame, raw
+        return None
+
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        policy = self.cfg.get("uncertain_policy", "gloria")
+        train, train_raw = self._read_listing("train.csv")
+        valid, valid_raw = self._read_listing("valid.csv")
+        test = self._test_set()
+        train["split"] = "train"
+        held_out = five_by_200(train, train_raw, int(self.cfg.get("five_by_200_seed", 0)))
+        train.loc[held_out, "split"] = FIVE_BY_200
+        shared = train["patient_id"].isin(train.loc[held_out, "patient_id"]) & (train["split"] == "train")
+        train, train_raw = train[~shared], train_raw[~shared]
+        parts = [(train, train_raw)]
+        if test is None:
+            valid["split"] = "test"
+            is_val = patient_fold(train["patient_id"], "chexpert-val") < float(self.cfg.get("val_fraction", 0.1))
+            train.loc[is_val & (train["split"] == "train").to_numpy(), "split"] = "val"
+            parts.append((valid, valid_raw))
+        else:
+            valid["split"] = "val"
+            test[0]["split"] = "test"
+            parts += [(valid, valid_raw), test]
         frames = []
-        for file, split in (("train.csv", "train"), ("valid.csv", "test")):
-            path = self.require(file)
-            df = read_csv(path)
-            require_columns(df, ["Path", "Frontal/Lateral", *COMPETITION], path)
-            if cfg.get("frontal_only", True):
-                df = df[df["Frontal/Lateral"] == "Frontal"]
-            # `Path` is relative to the folder that holds the root: drop its first component
-            rel = df["Path"].str.split("/", n=1).str[1]
-            if rel.isna().any():
-                bad = df["Path"][rel.isna()].iloc[0]
-                raise UserError(f"{path}: Path {bad!r} does not start with the dataset folder's name")
-            patient = rel.str.extract(r"(patient\d+)", expand=False)
-            if patient.isna().any():
-                raise UserError(f"{path}: Path {df['Path'][patient.isna()].iloc[0]!r} names no patientNNNNN folder")
-            labels = apply_uncertain_policy(df[COMPETITION], policy)
-            frames.append(pd.DataFrame({
-                "sample_id": rel.values, "patient_id": patient.values,
-                "image_path": [str(self.root / r) for r in rel], "split": split,
-                **{c: labels[c].values for c in COMPETITION},
-            }))
+        for frame, raw in parts:
+            labels = apply_uncertain_policy(raw[COMPETITION], policy)
+            frames.append(frame.assign(**{c: labels[c].to_numpy() for c in COMPETITION}))
         manifest = pd.concat(frames, ignore_index=True)
-        val_fraction = float(cfg.get("val_fraction", 0.1))
-        is_val = np.array([patient_fold(p, "chexpert-val") < val_fraction for p in manifest["patient_id"]])
-        manifest.loc[(manifest["split"] == "train") & is_val, "split"] = "val"
+        manifest.attrs["uncertain"] = count_uncertain(pd.concat([raw[COMPETITION] for _, raw in parts]))
         return manifest
+
+
+@register_adapter
+class CheXpert5x200(CheXpert):
+    """The same manifest, with the 5x200 images as the test split of a 5-class single-label task (the
+    zero-shot accuracy benchmark of GLoRIA, MedCLIP and BenchX)."""
+
+    name = "chexpert-5x200"
+    config_key = "chexpert"
+    description = "CheXpert 5x200: 1,000 training images with exactly one of 5 findings; zero-shot accuracy"
+    task = Task(labels=COMPETITION, multilabel=False, metric="acc",
+                prompts={c: [c.lower()] for c in COMPETITION})
+
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        manifest = super().read(with_reports)
+        split = manifest["split"].replace({"test": "held-out", FIVE_BY_200: "test"})
+        return manifest.assign(split=split)

@@ -4,16 +4,22 @@ Reads `mimic-cxr-2.0.0-{metadata,split,chexpert}.csv` (plain or .gz), images at
 `files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg` and reports at `files/pXX/pSUBJECT/sSTUDY.txt` (under
 `reports_root`, default the same root). Reports are split into sections with the official MIMIC-CXR
 header rule; the text is the configured sections joined (default impression then findings, as MGCA).
-The official split is used, with `validate` renamed `val`.
+The official split is used, with `validate` renamed `val`. Labels come from the CheXpert labeler's CSV
+(`labeler: chexpert`, default) or NegBio's (`negbio`), per study, with `uncertain_policy` as for CheXpert
+(default `zeros`). A study whose report file is missing or has no findings/impression/last paragraph
+is skipped with a count naming the first such file (`empty_reports: skip`) or stops the run (`error`).
 """
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from bench.datasets.base import Adapter, Task, read_csv, register_adapter, require_columns
+from bench.datasets.base import (Adapter, count_uncertain, finding_task, label_values, read_csv,
+                                 register_adapter, require_columns)
+from bench.datasets.chexpert import apply_uncertain_policy
 from bench.errors import UserError
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -37,52 +43,80 @@ def report_sections(text: str) -> dict[str, str]:
 @register_adapter
 class MimicCxrJpg(Adapter):
     name = "mimic-cxr"
-    task = Task(labels=LABELS, multilabel=True, metric="auc")
+    description = "MIMIC-CXR-JPG: the paired image-report pretraining corpus (14 CheXpert-labeler labels)"
+    task = finding_task(LABELS)
 
     def _csv(self, stem: str) -> tuple[pd.DataFrame, Path]:
         path = self.require(f"{stem}.csv", f"{stem}.csv.gz")
         return read_csv(path), path
 
-    def read(self) -> pd.DataFrame:
-        cfg = self.cfg or {}
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        cfg = self.cfg
         meta, meta_path = self._csv("mimic-cxr-2.0.0-metadata")
         require_columns(meta, ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_path)
         split, split_path = self._csv("mimic-cxr-2.0.0-split")
         require_columns(split, ["dicom_id", "split"], split_path)
+        unknown = ~split["split"].isin(["train", "validate", "test"])
+        if unknown.any():
+            i = int(unknown.to_numpy().argmax())
+            raise UserError(f"{split_path}: line {i + 2}: split {split['split'].iloc[i]!r} is not train, "
+                            f"validate or test")
         df = meta.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
         views = cfg.get("views", ["PA", "AP"])
         if views:
             df = df[df["ViewPosition"].isin(list(views))]
-        labels, labels_path = self._csv("mimic-cxr-2.0.0-chexpert")
-        require_columns(labels, ["subject_id", "study_id"], labels_path)
-        df = df.merge(labels, on=["subject_id", "study_id"], how="left")
-        reports_root = Path(cfg.get("reports_root") or self.root).expanduser()
-        sections = list(cfg.get("sections", ["impression", "findings"]))
-        texts = {}
-        for subject, study in df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
-            path = reports_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}.txt"
-            texts[study] = self._report_text(path, sections)
-        df = df.assign(report=df["study_id"].map(texts))
-        df = df[df["report"].str.len() > 0]
-        df = df.assign(split=df["split"].replace({"validate": "val"}))
-        return pd.DataFrame({
-            "sample_id": df["dicom_id"].values,
-            "patient_id": df["subject_id"].astype(str).values,
-            "study_id": df["study_id"].astype(str).values,
-            "image_path": [str(self.root / "files" / f"p{str(s)[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg")
-                           for s, t, d in df[["subject_id", "study_id", "dicom_id"]].itertuples(index=False)],
-            "split": df["split"].values,
-            "report": df["report"].values,
-            **{c: df[c].values for c in LABELS if c in df.columns},
-        }).reset_index(drop=True)
+        labeler = cfg.get("labeler", "chexpert")
+        if labeler not in ("chexpert", "negbio"):
+            raise UserError(f"mimic-cxr: labeler must be chexpert or negbio, got {labeler!r}")
+        labels, labels_path = self._csv(f"mimic-cxr-2.0.0-{labeler}")
+        require_columns(labels, ["subject_id", "study_id", *LABELS], labels_path)
+        raw = label_values(labels, LABELS, labels_path)
+        labels = labels[["subject_id", "study_id"]].join(apply_uncertain_policy(raw, cfg.get("uncertain_policy",
+                                                                                          "zeros")))
+        df = df.merge(labels, on=["subject_id", "study_id"], how="left").fillna({c: 0.0 for c in LABELS})
+        subject, study = df["subject_id"].astype(str), df["study_id"].astype(str)
+        folder = [self.root / "files" / f"p{s[:2]}" / f"p{s}" / f"s{t}" for s, t in zip(subject, study)]
+        manifest = pd.DataFrame({
+            "sample_id": df["dicom_id"].astype(str).values, "patient_id": subject.values,
+            "image_path": [str(f / f"{d}.jpg") for f, d in zip(folder, df["dicom_id"])],
+            "split": df["split"].replace({"validate": "val"}).values, "study_id": study.values,
+            **{c: df[c].to_numpy(dtype=float) for c in LABELS},
+        })
+        if with_reports:
+            manifest = self._with_reports(manifest, subject, study)
+        manifest.attrs["uncertain"] = count_uncertain(raw)
+        return manifest.reset_index(drop=True)
+
+    def _with_reports(self, manifest: pd.DataFrame, subject: pd.Series, study: pd.Series) -> pd.DataFrame:
+        reports_root = Path(self.cfg.get("reports_root") or self.root).expanduser()
+        sections = list(self.cfg.get("sections", ["impression", "findings"]))
+        texts, empty = {}, []
+        for s, t in dict.fromkeys(zip(subject, study)):
+            path = reports_root / "files" / f"p{s[:2]}" / f"p{s}" / f"s{t}.txt"
+            texts[t] = self._report_text(path, sections)
+            if not texts[t]:
+                empty.append(path)
+        if empty:
+            message = (f"{len(empty)} of {len(texts)} studies have a missing or empty report "
+                       f"(no {'/'.join(sections)} or last paragraph); first: {empty[0]}")
+            if self.cfg.get("empty_reports", "skip") == "error":
+                raise UserError(message)
+            print(f"bench: mimic-cxr: skipped {message}", file=sys.stderr)
+        manifest = manifest.assign(report=manifest["study_id"].map(texts).to_numpy())
+        return manifest[manifest["report"].str.len() > 0]
 
     @staticmethod
     def _report_text(path: Path, sections: list[str]) -> str:
+        """The wanted sections joined; failing those, the last paragraph (MIT-LCP's `last_paragraph`)."""
         try:
-            found = report_sections(path.read_text(errors="replace"))
+            raw = path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
         except OSError as exc:
             raise UserError(f"{path}: cannot be read ({exc})") from None
+        found = report_sections(raw)
         text = " ".join(found[s] for s in sections if found.get(s))
-        return text or found.get("last_paragraph", "")
+        paragraphs = [p for p in re.split(r"\n\s*\n", raw) if p.strip()]
+        if text or len(paragraphs) < 2:
+            return text
+        return " ".join(paragraphs[-1].split())

@@ -10,8 +10,12 @@ def test_run_then_table_end_to_end(data_home, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "| clip" in run.stdout and "| random-init" in run.stdout
     records = sorted(results.glob("records/*/*.json"))
-    assert len(records) == 4  # (clip, random-init) x (zero-shot, linear-probe)
-    rec = json.loads(records[0].read_text())
+    assert len(records) == 20  # (clip, random-init) x (zero-shot, linear-probe) x five datasets
+    recs = [json.loads(p.read_text()) for p in records]
+    assert {r["dataset"] for r in recs} == {"chexpert", "rsna", "siim", "covidx", "nih"}
+    probe = next(r for r in recs if r["protocol"] == "linear-probe")
+    assert set(probe["splits"]["sha256"]) == {"train.txt", "val.txt", "test.txt"}
+    rec = recs[0]
     for field in ("metrics", "per_class", "config", "config_hash", "git", "libraries", "device", "wall_time_s",
                   "splits", "checkpoint", "predictions_file", "pretrain_seed", "eval_seed", "fraction"):
         assert field in rec, field
@@ -41,9 +45,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
         (["run", "--method", "nope"], "valid methods: clip"),
         (["run", "--method", "clip", "--ablation", "nope"], "valid ablations: none"),
         (["run", "--method", "clip", "trainer.epochs"], "malformed override"),
-        (["run", "--method", "clip", "data=real"], "data.pretrain.root"),
-        (["run", "--method", "clip", "data=real", f"data.pretrain.root={tmp_path}/absent",
-          f"data.downstream.chexpert.root={tmp_path}/absent"], "does not exist"),
+        (["run", "--method", "clip", f"data.mimic-cxr.root={tmp_path}/absent"], "does not exist"),
+        (["data", "inspect", "nih", "--root", f"{tmp_path}/absent"], "does not exist"),
+        (["data", "inspect", "rsna", "--root", str(tmp_path), "--set", "nope=1"], "no setting 'nope'"),
         (["table", "--results-dir", str(tmp_path)], "no results records"),
     ]
     for args, message in cases:

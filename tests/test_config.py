@@ -1,6 +1,6 @@
 import pytest
 
-from bench.config import ablation_names, compose_config, config_hash, pretrain_hash
+from bench.config import ablation_names, compose_config, config_hash, eval_hash, pretrain_hash
 from bench.errors import UserError
 from bench.registry import method_names
 
@@ -33,7 +33,7 @@ def test_overrides_and_presets_apply():
     (("clip", "none", ["trainer.nonexistent=1"]), "trainer.nonexistent"),
     (("clip", "none", ["trainer.epochs"]), "malformed override 'trainer.epochs'"),
     (("clip", "none", ["trainer.epochs=[1"]), "bad override"),
-    (("clip", "none", ["data=real"]), "data.pretrain.root"),
+    (("clip", "none", ["data.nope.root=/x"]), "data.nope.root"),
 ])
 def test_bad_input_is_one_clear_line(args, expected):
     with pytest.raises(UserError) as err:
@@ -50,3 +50,12 @@ def test_hashes_separate_what_decides_the_numbers():
     assert pretrain_hash(a) == pretrain_hash(b) and config_hash(a) != config_hash(b)  # seeds aggregate
     assert config_hash(a) == config_hash(c)  # how and where it runs does not matter
     assert pretrain_hash(a) != pretrain_hash(d)
+
+
+def test_a_downstream_dataset_changes_its_evaluations_not_the_pretrained_model():
+    a = compose_config("clip", "none", 0)
+    rsna = compose_config("clip", "none", 0, ["data.rsna.root=/data/rsna"])
+    corpus = compose_config("clip", "none", 0, ["data.mimic-cxr.sections=[impression]"])
+    assert pretrain_hash(a) == pretrain_hash(rsna) != pretrain_hash(corpus)
+    assert eval_hash(a, "zero-shot", "rsna") != eval_hash(rsna, "zero-shot", "rsna")
+    assert eval_hash(a, "zero-shot", "nih") == eval_hash(rsna, "zero-shot", "nih")

@@ -29,12 +29,13 @@ def test_a_class_with_one_label_value_is_nan_and_left_out_of_the_macro():
 def test_zero_shot_is_computed_over_the_whole_split_independent_of_batch_size(tiny_cfg):
     cfg = tiny_cfg()
     method = build_method(cfg, 0)
-    manifest, task = load_dataset("chexpert", cfg.data.downstream.chexpert)
+    data = load_dataset(cfg, "chexpert")
+    task = data.task
     results = []
     for bs in (7, 64):
         cfg.eval.batch_size = bs
-        results.append(zero_shot(method, manifest, task, cfg, torch.device("cpu")))
-    n_test = int((manifest["split"] == "test").sum())
+        results.append(zero_shot(method, data, cfg, torch.device("cpu")))
+    n_test = int((data.manifest["split"] == "test").sum())
     assert results[0]["n_test"] == n_test == len(results[0]["predictions"])
     assert results[0]["predictions"]["sample_id"].is_unique
     assert results[0]["metrics"]["auc"] == pytest.approx(results[1]["metrics"]["auc"], abs=1e-6)

@@ -1,4 +1,4 @@
-"""Frozen forward passes over a manifest split, in order, covering every sample exactly once."""
+"""Frozen forward passes over manifest rows, in order, covering every sample exactly once."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,22 +8,19 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from bench.datasets.base import Task
 from bench.data import ImagePreprocessor, ImageTextDataset, collate_fn
+from bench.datasets.base import Task
+from bench.images import ImageCache
 from bench.method import Method
-
-
-def eval_preprocessor(cfg) -> ImagePreprocessor:
-    return ImagePreprocessor(cfg.model.image.image_size, cfg.model.image.mean, cfg.model.image.std, augment=False)
 
 
 @torch.no_grad()
 def image_outputs(method: Method, rows: pd.DataFrame, fn: Callable[[torch.Tensor], torch.Tensor],
-                  preprocess: ImagePreprocessor, batch_size: int, device: torch.device,
+                  preprocess: ImagePreprocessor, cache: ImageCache, batch_size: int, device: torch.device,
                   num_workers: int = 0) -> np.ndarray:
     """`fn(images)` for every row, as a float32 array in row order (no shuffling, no dropped batch)."""
     method.eval()
-    dataset = ImageTextDataset(rows["image_path"], None, rows["sample_id"], preprocess)
+    dataset = ImageTextDataset(rows["image_path"], None, rows["sample_id"], preprocess, cache)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                         collate_fn=collate_fn(None), num_workers=num_workers)
     chunks = [fn(batch.images.to(device)).float().cpu().numpy() for batch in loader]

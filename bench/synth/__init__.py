@@ -10,11 +10,22 @@ from pathlib import Path
 
 from bench.errors import UserError
 
-GENERATOR_VERSION = 3
-# size -> (MIMIC studies, CheXpert train patients, CheXpert valid patients)
-SIZES = {"tiny": (96, 48, 40), "small": (2000, 600, 400), "medium": (12000, 4000, 1000)}
-MIMIC_DIR, CHEXPERT_DIR = "mimic-cxr-jpg", "CheXpert-v1.0-small"
+GENERATOR_VERSION = 4
+# dataset -> (folder named as the real download names it, size -> item count)
+DATASETS = {
+    "mimic-cxr": ("mimic-cxr-jpg", {"tiny": 96, "small": 2000, "medium": 12000}),  # studies
+    "chexpert": ("CheXpert-v1.0-small", {"tiny": 48, "small": 600, "medium": 4000}),  # training patients
+    "rsna": ("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 800, "medium": 4000}),  # patients
+    "siim": ("siim-acr-pneumothorax", {"tiny": 80, "small": 800, "medium": 4000}),  # images
+    "covidx": ("COVIDx", {"tiny": 90, "small": 900, "medium": 4000}),  # images
+    "nih": ("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000}),  # images
+}
+SIZES = ("tiny", "small", "medium")
 MARKER = "synthetic.json"
+
+
+def dataset_dir(name: str) -> str:
+    return DATASETS[name][0]
 
 
 def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = None) -> Path:
@@ -35,15 +46,13 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
         return root
     if root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another data.root")
-    from bench.synth.writers import write_chexpert, write_mimic_cxr_jpg
-
-    n_mimic, n_train, n_valid = SIZES[size]
+    writers = _writers()
     workers = workers or min(4, os.cpu_count() or 1)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        write_mimic_cxr_jpg(staging / MIMIC_DIR, n_mimic, seed, workers)
-        write_chexpert(staging / CHEXPERT_DIR, n_train, n_valid, seed, workers)
+        for name, (folder, counts) in DATASETS.items():
+            writers[name](staging / folder, counts[size], seed, workers)
         (staging / MARKER).write_text(json.dumps(params))
         if root.exists():
             root.rmdir()
@@ -54,3 +63,12 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
             return root
         raise
     return root
+
+
+def _writers() -> dict:
+    from bench.synth.dicom_writers import write_rsna, write_siim
+    from bench.synth.png_writers import write_covidx, write_nih
+    from bench.synth.writers import write_chexpert, write_mimic_cxr_jpg
+
+    return {"mimic-cxr": write_mimic_cxr_jpg, "chexpert": write_chexpert, "rsna": write_rsna, "siim": write_siim,
+            "covidx": write_covidx, "nih": write_nih}

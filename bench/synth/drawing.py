@@ -33,7 +33,11 @@ def _sides(f: Finding) -> list[str]:
     return ["right", "left"] if f.side == "bilateral" else [f.side]
 
 
-def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width: int,
+                 annotations: dict | None = None) -> np.ndarray:
+    """A frontal radiograph (uint8). If `annotations` is a dict it receives boolean masks of what was
+    drawn: `pneumothorax` (the air gap, SIIM's segmentation target) and `opacity` (airspace opacities,
+    from which RSNA's boxes are cut)."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     y /= height
     x /= width
@@ -52,18 +56,22 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
 
     # lungs, cut by the diaphragm domes; atelectasis raises its hemidiaphragm
     lung = {}
+    emphysema = "Emphysema" in fnd  # hyperinflation: low, flat domes and dark, sparse lungs
     for side, cx in SIDE_X.items():
         dome = 0.76 + rng.normal(0, 0.01) - (0.02 if side == "right" else 0.0)  # liver lifts the right dome
         if "Atelectasis" in fnd and side in _sides(fnd["Atelectasis"]):
             dome -= 0.045 * strength(fnd["Atelectasis"])
+        if emphysema:
+            dome += 0.03 * strength(fnd["Emphysema"])
         ellipse = _ellipse(x, y, cx + (0.01 if side == "right" else -0.01), 0.47, 0.16 * scale, 0.32, 0.06)
-        below = np.clip((y - (dome - 0.09 * ((x - cx) / 0.16) ** 2)) / 0.015, 0, 1)
+        below = np.clip((y - (dome - (0.04 if emphysema else 0.09) * ((x - cx) / 0.16) ** 2)) / 0.015, 0, 1)
         lung[side] = ellipse * (1 - below)
     lungs = lung["right"] + lung["left"]
-    img -= 0.30 * lungs
+    img -= (0.38 if emphysema else 0.30) * lungs
 
     # lung markings; a pneumothorax removes them and darkens the collapsed space
-    markings = _noise(rng, (height, width), 24) * lungs
+    markings = _noise(rng, (height, width), 24) * lungs * (0.5 if emphysema else 1.0)
+    pneumothorax = np.zeros_like(img)
     for side in _sides(fnd["Pneumothorax"]) if "Pneumothorax" in fnd else []:
         f = fnd["Pneumothorax"]
         cx = SIDE_X[side]
@@ -71,6 +79,7 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
         depth = 0.03 + 0.025 * f.severity
         inner = _ellipse(x, y, cx - lateral * depth * 0.8, 0.47 + depth, 0.16 * scale - depth, 0.32 - depth, 0.04)
         gap = lung[side] * (1 - inner)
+        pneumothorax = np.maximum(pneumothorax, gap)
         markings *= 1 - gap
         img -= 0.10 * strength(f) * gap
         img += 0.18 * strength(f) * lung[side] * np.clip(1 - np.abs(inner - 0.5) / 0.5, 0, 1) ** 4
@@ -102,7 +111,8 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
         clav = 0.12 + 0.075 * s * (x - 0.5)
         img += 0.16 * _soft(np.abs(y - clav) / 0.014, 0.5) * (s * (x - 0.5) > 0.03) * (s * (x - 0.5) < 0.3)
 
-    # parenchymal and pleural findings
+    # parenchymal and pleural findings; `opacity` keeps where airspace opacities were drawn
+    opacity = np.zeros_like(img)
     for side in _sides(fnd["Pleural Effusion"]) if "Pleural Effusion" in fnd else []:
         f = fnd["Pleural Effusion"]
         level = {1: 0.68, 2: 0.61, 3: 0.53}[f.severity]
@@ -114,12 +124,34 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
         cy = 0.3 if f.zone == "upper" else 0.6
         blob = _ellipse(x, y, SIDE_X[f.side], cy, 0.09, 0.08, 0.5) * (0.6 + 0.4 * _noise(rng, img.shape, 12))
         img += 0.32 * strength(f) * blob * lung[f.side]
+        opacity = np.maximum(opacity, blob * lung[f.side])
     if "Pneumonia" in fnd:
         f = fnd["Pneumonia"]
         for _ in range(int(rng.integers(3, 6))):
             cx = SIDE_X[f.side] + rng.normal(0, 0.06)
             cy = rng.uniform(0.3, 0.66)
-            img += 0.2 * strength(f) * _ellipse(x, y, cx, cy, 0.035, 0.03, 0.8) * lung[f.side]
+            patch = _ellipse(x, y, cx, cy, 0.035, 0.03, 0.8) * lung[f.side]
+            img += 0.2 * strength(f) * patch
+            opacity = np.maximum(opacity, patch)
+    if "COVID-19" in fnd:  # bilateral, peripheral, lower-zone ground glass
+        f = fnd["COVID-19"]
+        peripheral = np.clip((np.abs(x - 0.5) - 0.14) / 0.08, 0, 1) * np.clip((y - 0.38) / 0.1, 0, 1)
+        ggo = lungs * peripheral * (0.4 + 0.6 * _noise(rng, img.shape, 10))
+        img += 0.2 * strength(f) * ggo
+        opacity = np.maximum(opacity, ggo)
+    if "Infiltration" in fnd:
+        f = fnd["Infiltration"]
+        band = np.clip(1 - np.abs(y - 0.47) / 0.13, 0, 1)
+        patches = np.clip((_noise(rng, img.shape, 16) - 0.45) / 0.2, 0, 1) * band * lung[f.side]
+        img += 0.22 * strength(f) * patches
+    if "Fibrosis" in fnd:  # a fine reticular net, worst in the upper zones
+        f = fnd["Fibrosis"]
+        net = _soft(np.abs(_noise(rng, img.shape, 40) - 0.5) / 0.05, 0.5) * np.clip((0.55 - y) / 0.15, 0, 1)
+        img += 0.14 * strength(f) * net * lungs
+    if "Hernia" in fnd:  # hiatal hernia: a retrocardiac gas bubble over a fluid level
+        f = fnd["Hernia"]
+        bubble = _ellipse(x, y, 0.56, 0.66, 0.05 + 0.01 * f.severity, 0.045, 0.2)
+        img += 0.1 * bubble * np.where(y < 0.66, -1.2, 0.6)
     if "Edema" in fnd:
         f = fnd["Edema"]
         haze = _ellipse(x, y, 0.38, 0.47, 0.16, 0.22, 1.0) + _ellipse(x, y, 0.62, 0.47, 0.16, 0.22, 1.0)
@@ -133,7 +165,7 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
     if "Lung Lesion" in fnd:
         f = fnd["Lung Lesion"]
         cy = {"upper": 0.3, "mid": 0.45, "lower": 0.6}[f.zone]
-        r = 0.012 + 0.006 * f.severity
+        r = 0.055 if f.severity == 3 else 0.01 + 0.007 * f.severity  # severity 3: a mass (> 3 cm)
         cx = SIDE_X[f.side] + rng.normal(0, 0.03)
         img += 0.35 * (0.5 if f.uncertain else 1.0) * _ellipse(x, y, cx, cy + rng.normal(0, 0.02), r, r * width / height, 0.3)
     if "Pleural Other" in fnd:
@@ -152,6 +184,9 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
             line = _soft(np.abs(x - path) / 0.005, 0.5) * (y > 0.02) * (y < 0.34)
         img += 0.45 * line
 
+    if annotations is not None:
+        annotations["pneumothorax"] = pneumothorax > 0.5
+        annotations["opacity"] = opacity > 0.3
     img = gaussian_filter(img, sigma=0.6 * height / 256)
     # exposure: brightness, contrast, a heel-effect gradient, detector noise and the display curve
     tilt = rng.normal(0, 0.05, 2)

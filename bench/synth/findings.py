@@ -21,7 +21,17 @@ PREVALENCE = {
     "Cardiomegaly": 0.25, "Pleural Effusion": 0.25, "Consolidation": 0.15, "Pneumonia": 0.10,
     "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.08, "Lung Lesion": 0.10,
     "Enlarged Cardiomediastinum": 0.08, "Support Devices": 0.20, "Fracture": 0.05, "Pleural Other": 0.05,
+    # findings outside the CheXpert labels that ChestX-ray14 names
+    "Emphysema": 0.05, "Fibrosis": 0.04, "Hernia": 0.03, "Infiltration": 0.08,
 }
+# findings outside the 14 CheXpert observations, and the observation the CheXpert labeler files them under
+CHEXPERT_AS = {"Infiltration": "Lung Opacity", "Fibrosis": "Pleural Other", "Emphysema": None, "Hernia": None,
+               "COVID-19": "Lung Opacity"}
+NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+NIH_FROM = {"Effusion": "Pleural Effusion", "Pleural_Thickening": "Pleural Other", "Mass": "Lung Lesion",
+            "Nodule": "Lung Lesion"}
+COVIDX_CLASSES = ["normal", "pneumonia", "COVID-19"]
 OPACITIES = ("Consolidation", "Pneumonia", "Edema", "Atelectasis", "Lung Lesion")
 # absent findings a radiologist commonly states as negative
 ROUTINELY_NEGATED = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Edema", "Cardiomegaly")
@@ -51,18 +61,46 @@ class Patient:
         out: dict[str, float] = {name: np.nan for name in CHEXPERT_LABELS}
         for name in self.negated:
             out[name] = 0.0
+        other = False  # a finding outside the 14 observations still rules out "No Finding"
         for name, f in self.findings.items():
-            out[name] = -1.0 if f.uncertain else 1.0
-        opacity = [out[n] for n in OPACITIES if out[n] in (1.0, -1.0)]
+            value = -1.0 if f.uncertain else 1.0
+            name = CHEXPERT_AS.get(name, name)
+            if name is None:
+                other = True
+            elif not out[name] == 1.0:
+                out[name] = value
+        opacity = [out[n] for n in (*OPACITIES, "Lung Opacity") if out[n] in (1.0, -1.0)]
         if opacity:
             out["Lung Opacity"] = max(opacity)
         abnormal = [n for n, v in out.items() if n not in ("No Finding", "Support Devices") and v in (1.0, -1.0)]
-        if not abnormal:
+        if not abnormal and not other:
             out["No Finding"] = 1.0
         if not with_mentions:
             # uncertain findings are drawn (faintly), so the consensus reading calls them present
             out = {n: 1.0 if v in (1.0, -1.0) else 0.0 for n, v in out.items()}
         return out
+
+
+    def nih_labels(self) -> list[str]:
+        """ChestX-ray14's names for what is drawn (its NLP labels keep hedged findings as positive)."""
+        out = []
+        for label in NIH_LABELS:
+            f = self.findings.get(NIH_FROM.get(label, label))
+            if f is not None and (label != "Mass" or f.severity == 3) and (label != "Nodule" or f.severity < 3):
+                out.append(label)
+        return out
+
+
+def sample_covidx_patient(rng: np.random.Generator, cls: str) -> Patient:
+    """A COVIDx case of class `cls`: normal, focal bacterial-looking pneumonia, or COVID-19's bilateral
+    peripheral ground glass."""
+    p = Patient(age=int(rng.integers(20, 91)), sex=str(rng.choice(["Female", "Male"])))
+    if cls == "pneumonia":
+        p.findings["Pneumonia"] = Finding("Pneumonia", str(rng.choice(["right", "left"])), "lower",
+                                          int(rng.integers(1, 4)))
+    elif cls == "COVID-19":
+        p.findings["COVID-19"] = Finding("COVID-19", "bilateral", "lower", int(rng.integers(1, 4)))
+    return p
 
 
 def sample_patient(rng: np.random.Generator) -> Patient:
@@ -79,10 +117,12 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     for name in sorted(present):
         side = str(rng.choice(["right", "left", "bilateral"] if name in ("Pleural Effusion", "Atelectasis")
                               else ["right", "left"]))
-        if name in ("Edema", "Cardiomegaly", "Enlarged Cardiomediastinum", "Support Devices"):
+        if name in ("Edema", "Cardiomegaly", "Enlarged Cardiomediastinum", "Support Devices", "Emphysema",
+                    "Fibrosis", "Hernia"):
             side = "bilateral"
         zone = str(rng.choice(["upper", "lower"])) if name == "Consolidation" else \
-            str(rng.choice(["upper", "mid", "lower"])) if name == "Lung Lesion" else "lower"
+            str(rng.choice(["upper", "mid", "lower"])) if name == "Lung Lesion" else \
+            "upper" if name == "Fibrosis" else "mid" if name == "Infiltration" else "lower"
         uncertain = name not in ("Support Devices", "Fracture") and rng.random() < UNCERTAIN_SHARE
         device = str(rng.choice(["endotracheal tube", "central venous catheter", "nasogastric tube"])) \
             if name == "Support Devices" else ""

@@ -36,7 +36,19 @@ def _positive(f: Finding, rng: np.random.Generator) -> str:
     if n == "Pneumothorax":
         return f"{SEVERITY[f.severity]} {f.side} apical pneumothorax"
     if n == "Lung Lesion":
-        return f"a {6 + 4 * f.severity} mm nodule in the {f.side} {f.zone} lung"
+        if f.severity == 3:
+            return f"a {int(rng.integers(4, 7))} cm mass in the {f.side} {f.zone} lung"
+        return f"a {6 + 6 * f.severity} mm nodule in the {f.side} {f.zone} lung"
+    if n == "Emphysema":
+        return "hyperinflated lungs with flattened hemidiaphragms, consistent with emphysema"
+    if n == "Fibrosis":
+        return "reticular opacities in both upper lungs compatible with pulmonary fibrosis"
+    if n == "Hernia":
+        return "retrocardiac air-fluid level consistent with a hiatal hernia"
+    if n == "Infiltration":
+        return f"patchy infiltrate in the {f.side} mid lung"
+    if n == "COVID-19":
+        return "bilateral peripheral ground-glass opacities in the lower lungs, typical of covid-19 pneumonia"
     if n == "Enlarged Cardiomediastinum":
         return "the mediastinum is widened"
     if n == "Support Devices":

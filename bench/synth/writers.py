@@ -92,7 +92,7 @@ def _chexpert_patient(args: tuple[Path, str, int, int, int]) -> list[list]:
     root, part, seed, patient_no, first_number = args
     rng = _rng(seed, f"chexpert-{part}", patient_no)
     rows = []
-    for study in range(1, 1 + (1 if part == "valid" else int(rng.integers(1, 3)))):
+    for study in range(1, 1 + (1 if part != "train" else int(rng.integers(1, 3)))):
         patient = sample_patient(rng)
         labels = patient.labels(with_mentions=part == "train")
         rel = f"{part}/patient{first_number + patient_no:05d}/study{study}"
@@ -107,12 +107,20 @@ def _chexpert_patient(args: tuple[Path, str, int, int, int]) -> list[list]:
     return rows
 
 
-def write_chexpert(root: Path, n_train_patients: int, n_valid_patients: int, seed: int, workers: int) -> None:
-    """train.csv/valid.csv with root-prefixed `Path`, blank/-1.0 labels in train, consensus 0/1 in valid."""
+def write_chexpert(root: Path, n: int, seed: int, workers: int, test_studies: int = 0) -> None:
+    """train.csv/valid.csv with root-prefixed `Path`, blank/-1.0 labels in train, consensus 0/1 in valid
+    (200 patients, as the real one, fewer for small `n`); with `test_studies`, also the test set's images
+    and its study-level `test/groundtruth.csv` (`Study` column, no file names)."""
     root.mkdir(parents=True, exist_ok=True)
     header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
-    for part, n, first in (("train", n_train_patients, 1), ("valid", n_valid_patients, 64541)):
+    parts = [("train", n, 1), ("valid", min(200, max(40, n // 3)), 64541), ("test", test_studies, 64741)]
+    for part, count, first in parts:
         with ProcessPoolExecutor(workers) as pool:
-            chunks = pool.map(_chexpert_patient, [(root, part, seed, i, first) for i in range(n)], chunksize=16)
+            chunks = pool.map(_chexpert_patient, [(root, part, seed, i, first) for i in range(count)], chunksize=16)
             rows = [row for chunk in chunks for row in chunk]
-        _write_csv(root / f"{part}.csv", header, rows)
+        if part != "test":
+            _write_csv(root / f"{part}.csv", header, rows)
+        elif rows:
+            studies = [[row[0].rsplit("/", 1)[0].replace(root.name, "CheXpert-v1.0", 1), *row[5:]]
+                       for row in rows if row[0].endswith("view1_frontal.jpg")]
+            _write_csv(root / "test" / "groundtruth.csv", ["Study", *CHEXPERT_LABELS], studies)

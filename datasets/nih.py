@@ -1,0 +1,131 @@
+"""NIH ChestX-ray14: `Data_Entry_2017_v2020.csv` or `Data_Entry_2017.csv`, PNGs in `images_NNN/images/`.
+
+The metadata header's bracketed names hold commas (`OriginalImage[Width,Height]`), so every CSV reader
+splits them, and each line ends in a comma that adds an empty `Unnamed: NN` column; neither split column
+is used here and the empty one is dropped. The v2020 file says `Patient Sex` where the original says
+`Patient Gender`; either becomes the manifest's `sex` column.
+
+Labels: the 14 findings of the pipe-joined `Finding Labels`, in REFERS/MRM order; `No Finding` is all zero.
+Images: `images_*/images/`, `images_*/` and `images/` are listed once; a name found in none of them is
+expected at `images/<name>`.
+Splits: with the official `test_list.txt`, test is its images and every other image is train or val by
+patient hash (`val_fraction`, default 0.1); `train_val_list.txt` is the complement and not needed.
+Without it, a patient hash split: `val_fraction` val, `test_fraction` (default 0.2) test, the rest train.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.datasets.base import (
+    Adapter,
+    finding_task,
+    hash_split,
+    patient_fold,
+    read_csv,
+    register_adapter,
+    require_columns,
+)
+from bench.errors import UserError
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+          "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+NAMES = {"Effusion": "pleural effusion", "Pleural_Thickening": "pleural thickening", "Mass": "lung mass",
+         "Nodule": "lung nodule", "Hernia": "hiatal hernia"}
+NO_FINDING = "No Finding"
+METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+REQUIRED = ["Image Index", "Finding Labels", "Patient ID"]
+
+
+def _line(mask: np.ndarray) -> int:
+    """The file line of the first True row (line 1 is the header)."""
+    return int(np.flatnonzero(mask)[0]) + 2
+
+
+def finding_matrix(findings: pd.Series, path: Path) -> np.ndarray:
+    """rows x 14 floats from pipe-joined names. Work is per distinct combination (about 800 in 112k rows)."""
+    codes, combos = pd.factorize(findings)
+    if (codes < 0).any():
+        raise UserError(f"{path}: line {_line(codes < 0)}: 'Finding Labels' is empty; "
+                        f"expected {NO_FINDING!r} or finding names joined by '|'")
+    column = {name: j for j, name in enumerate(LABELS)}
+    table = np.zeros((len(combos), len(LABELS)))
+    for k, combo in enumerate(combos):
+        names = [name.strip() for name in combo.split("|")]
+        unknown = [name for name in names if name not in column and name != NO_FINDING]
+        if unknown:
+            raise UserError(f"{path}: line {_line(codes == k)}: unknown finding {unknown[0]!r} in 'Finding Labels'; "
+                            f"expected {NO_FINDING!r} or names from {', '.join(LABELS)}")
+        table[k, [column[name] for name in names if name != NO_FINDING]] = 1.0
+    return table[codes]
+
+
+def read_list(path: Path) -> set[str]:
+    """Image names from a split list: one per line, optionally followed by labels (MRM/BenchX lists)."""
+    try:
+        return {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot be read ({exc})") from None
+
+
+@register_adapter
+class Nih(Adapter):
+    name = "nih"
+    description = "NIH ChestX-ray14: 14 findings from report NLP, multi-label AUROC"
+    task = finding_task(LABELS, "auc", NAMES)
+
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        metadata = self.cfg.get("metadata")
+        path = self.require(*([metadata] if metadata else METADATA))
+        # index_col=False: when the trailing commas are on the rows but not the header, pandas would
+        # otherwise take the first column as the index and shift every name by one
+        df = read_csv(path, dtype=str, index_col=False)
+        df = df.loc[:, ~df.columns.str.startswith("Unnamed:")]
+        require_columns(df, REQUIRED, path)
+        for column in ("Image Index", "Patient ID"):
+            blank = df[column].isna().to_numpy()
+            if blank.any():
+                raise UserError(f"{path}: line {_line(blank)}: {column!r} is empty")
+        repeated = df["Image Index"].duplicated().to_numpy()
+        if repeated.any():
+            raise UserError(f"{path}: line {_line(repeated)}: image {df['Image Index'][repeated].iloc[0]!r} "
+                            f"is listed twice")
+        labels = finding_matrix(df["Finding Labels"], path)
+        names, patients = df["Image Index"], df["Patient ID"].str.strip()
+        manifest = pd.DataFrame({
+            "sample_id": names.to_numpy(),
+            "patient_id": patients.to_numpy(),
+            "image_path": self._image_paths(names).to_numpy(),
+            "split": self._splits(names, patients),
+            **{c: labels[:, j] for j, c in enumerate(LABELS)},
+        })
+        sex = next((df[c] for c in ("Patient Gender", "Patient Sex") if c in df.columns), None)
+        if sex is not None:
+            manifest["sex"] = sex.to_numpy()
+        return manifest
+
+    def _image_paths(self, names: pd.Series) -> pd.Series:
+        root = self.root.absolute()
+        found: dict[str, str] = {}
+        folders = [*sorted(root.glob("images_*/images")), *sorted(root.glob("images_*")), root / "images"]
+        for folder in folders:
+            if folder.is_dir():
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        found.setdefault(entry.name, entry.path)
+        return names.map(found).fillna(str(root / "images") + os.sep + names)
+
+    def _splits(self, names: pd.Series, patients: pd.Series) -> np.ndarray:
+        val = float(self.cfg.get("val_fraction", 0.1))
+        test_list = self.root / "test_list.txt"
+        if not test_list.exists():
+            return hash_split(patients, "nih", val, float(self.cfg.get("test_fraction", 0.2)))
+        is_test = names.isin(read_list(test_list)).to_numpy()
+        mixed = np.intersect1d(patients[is_test].unique(), patients[~is_test].unique())
+        if len(mixed):
+            raise UserError(f"{test_list}: patient {mixed[0]} has images both in it and outside it; "
+                            f"the official split is patient-disjoint")
+        return np.where(is_test, "test", np.where(patient_fold(patients, "nih-val") < val, "val", "train"))

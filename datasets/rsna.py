@@ -1,0 +1,55 @@
+"""RSNA Pneumonia Detection (Kaggle 2018, stage 2): `stage_2_train_labels.csv` and one DICOM per patient.
+
+The labels file has a row per opacity box, so a positive patient can have several rows, and a negative one
+a single row with blank box fields. Classification label (as GLoRIA/MGCA): Pneumonia = 1 when any of the
+patient's rows has Target 1. One manifest row per patientId, image `<images_dir>/<patientId>.dcm`.
+
+Kaggle never published the stage-2 test labels, so every split comes from the labelled training set: a
+patient hash split, 70/15/15 by default (GLoRIA/MGCA and BenchX also split 70/15/15, with seeded shuffles
+this harness does not reproduce). Each patientId has exactly one image, so the split is patient-disjoint.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from bench.datasets.base import (
+    Adapter,
+    finding_task,
+    hash_split,
+    label_values,
+    read_csv,
+    register_adapter,
+    require_columns,
+)
+
+from bench.errors import UserError
+
+LABEL = "Pneumonia"
+
+
+@register_adapter
+class Rsna(Adapter):
+    name = "rsna"
+    task = finding_task([LABEL], "auc")
+    description = "RSNA Pneumonia Detection: binary pneumonia (lung opacity) classification from DICOMs (AUC)"
+
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        path = self.require("stage_2_train_labels.csv")
+        df = read_csv(path, dtype=str)  # as written, so errors quote the file's text
+        require_columns(df, ["patientId", "Target"], path)
+        target = label_values(df, ["Target"], path, allowed=(0.0, 1.0))["Target"]
+        blank = target.isna() | df["patientId"].isna()
+        if blank.any():
+            i = int(np.flatnonzero(blank.to_numpy())[0])
+            raise UserError(f"{path}: line {i + 2}: patientId and Target must not be blank")
+        positive = target.groupby(df["patientId"].str.strip(), sort=False).max()
+        ids = positive.index.to_numpy(dtype=str)
+        images_dir = self.root / str(self.cfg.get("images_dir", "stage_2_train_images"))
+        return pd.DataFrame({
+            "sample_id": ids,
+            "patient_id": ids,
+            "image_path": [str(images_dir / f"{i}.dcm") for i in ids],
+            "split": hash_split(ids, "rsna", float(self.cfg.get("val_fraction", 0.15)),
+                                float(self.cfg.get("test_fraction", 0.15))),
+            LABEL: positive.to_numpy(dtype=float),
+        })

@@ -1,0 +1,111 @@
+"""SIIM-ACR Pneumothorax (Kaggle 2019): `train-rle.csv` and DICOMs nested by study and series.
+
+`train-rle.csv` has a row per mask component: an image with a two-part pneumothorax has two rows, a
+negative image one row of `-1`. Its header is `ImageId, EncodedPixels`, so pandas would name the second
+column " EncodedPixels" and read negatives as " -1"; both spellings are accepted.
+Classification label (as GLoRIA/MGCA): Pneumothorax = 1 when any of the image's rows has a mask.
+
+One manifest row per ImageId. GLoRIA/MGCA split the CSV's rows, which can put one image in two splits;
+here the split is a patient hash split (70/15/15 by default) over ImageIds. The CSV names no patient, and
+reading the PatientID of every DICOM would defeat metadata-only roots, so each image is its own patient.
+Images are found by walking `images_dir` once (`<StudyUID>/<SeriesUID>/<ImageId>.dcm`); an ImageId without
+a file gets `<images_dir>/<ImageId>.dcm`, which the harness then counts as missing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from bench.datasets.base import (
+    Adapter,
+    finding_task,
+    hash_split,
+    read_csv,
+    register_adapter,
+    require_columns,
+)
+
+from bench.errors import UserError
+
+LABEL = "Pneumothorax"
+# "-1", or pairs of (offset from the end of the previous run, run length)
+RLE_PATTERN = r"-1|\d+\s+\d+(?:\s+\d+\s+\d+)*"
+
+
+def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
+    """SIIM's run-length code as a boolean (height, width) mask; `-1` (with or without spaces) is empty.
+
+    Runs walk the image column by column (the transposed mask, flattened), and each start counts from the
+    end of the previous run."""
+    values = np.array(rle.split(), dtype=np.int64)
+    mask = np.zeros(height * width, bool)
+    if values.tolist() == [-1]:
+        return mask.reshape(width, height).T
+    if len(values) % 2 or (values < 0).any():
+        raise ValueError(f"run-length code needs non-negative (start, length) pairs, got {rle.strip()[:40]!r}")
+    gaps, lengths = values[0::2], values[1::2]
+    starts = np.cumsum(gaps) + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    if len(starts) and starts[-1] + lengths[-1] > mask.size:
+        raise ValueError(f"run-length code runs past the end of a {height}x{width} mask")
+    # mark run boundaries with +1/-1 and integrate, so no Python loop touches each run
+    edges = np.zeros(mask.size + 1, np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + lengths, -1)
+    mask = np.cumsum(edges[:-1]) > 0
+    return mask.reshape(width, height).T
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """The inverse of `rle_decode`: `-1` for an empty mask, else relative (start, length) pairs."""
+    flat = np.asarray(mask, bool).T.ravel()
+    if not flat.any():
+        return "-1"
+    padded = np.concatenate(([False], flat, [False]))
+    changes = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, ends = changes[0::2], changes[1::2]
+    gaps = starts - np.concatenate(([0], ends[:-1]))
+    return " ".join(str(v) for pair in zip(gaps, ends - starts) for v in pair)
+
+
+@register_adapter
+class Siim(Adapter):
+    name = "siim"
+    task = finding_task([LABEL], "auc")
+    description = "SIIM-ACR Pneumothorax: binary pneumothorax classification from DICOMs (AUC)"
+
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        path = self.require("train-rle.csv")
+        # skipinitialspace turns " EncodedPixels" and " -1" into the unspaced spellings
+        df = read_csv(path, dtype=str, skipinitialspace=True, keep_default_na=False)
+        df.columns = df.columns.str.strip()
+        require_columns(df, ["ImageId", "EncodedPixels"], path)
+        image_ids, rle = df["ImageId"].str.strip(), df["EncodedPixels"].str.strip()
+        bad = (image_ids == "") | ~rle.str.fullmatch(RLE_PATTERN)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: line {i + 2}: expected an ImageId and EncodedPixels of -1 or run-length "
+                            f"pairs, got {df['ImageId'].iloc[i]!r}, {df['EncodedPixels'].iloc[i][:40]!r}")
+        positive = (rle != "-1").groupby(image_ids, sort=False).any()
+        images_dir = self.root / str(self.cfg.get("images_dir", "dicom-images-train"))
+        found = self._find_images(images_dir)
+        ids = positive.index.to_numpy(dtype=str)
+        return pd.DataFrame({
+            "sample_id": ids,
+            "patient_id": ids,
+            "image_path": [found.get(i) or str(images_dir / f"{i}.dcm") for i in ids],
+            "split": hash_split(ids, "siim", float(self.cfg.get("val_fraction", 0.15)),
+                                float(self.cfg.get("test_fraction", 0.15))),
+            LABEL: positive.to_numpy(dtype=float),
+        })
+
+    @staticmethod
+    def _find_images(images_dir: Path) -> dict[str, str]:
+        """ImageId -> path of every .dcm under `images_dir` (absent folder: none)."""
+        out = {}
+        for folder, _, files in os.walk(images_dir):
+            for file in files:
+                if file.endswith(".dcm"):
+                    out[file[:-4]] = os.path.join(folder, file)
+        return out

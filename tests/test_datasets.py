@@ -1,0 +1,161 @@
+"""Every adapter on its synthetic stand-in: the manifest contract, patient-disjoint splits, inspect."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.datasets import adapter_names, get_adapter
+from bench.datasets.base import MANIFEST_COLUMNS, patients_in_several_splits
+from bench.datasets.chexpert import COMPETITION
+from bench.errors import UserError
+from bench.synth import dataset_dir
+from tests_support import bench_cli
+
+
+def _root(data_home, name: str):
+    return data_home / "synthetic-tiny-0" / dataset_dir(get_adapter(name).config_key or name)
+
+
+@pytest.mark.parametrize("name", adapter_names())
+def test_every_adapter_yields_the_manifest_with_patient_disjoint_splits(data_home, name):
+    adapter = get_adapter(name)(_root(data_home, name))
+    manifest = adapter.read()
+    task = adapter.task
+    assert list(manifest.columns[:4]) == MANIFEST_COLUMNS and set(task.labels) <= set(manifest.columns)
+    assert manifest["sample_id"].is_unique
+    assert patients_in_several_splits(manifest) == []
+    assert {"train", "test"} <= set(manifest["split"])
+    y = manifest[task.labels].to_numpy()
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    if not task.multilabel and len(task.labels) > 1:  # single-label where it is evaluated
+        assert (y[(manifest["split"] == "test").to_numpy()].sum(1) == 1).all()
+    assert task.metric in ("auc", "acc") and all(task.prompts.get(c) for c in task.labels)
+    assert all(p.exists() for p in map(__import__("pathlib").Path, manifest["image_path"]))
+
+
+def test_chexpert_5x200_follows_the_gloria_rule(data_home):
+    root = _root(data_home, "chexpert")
+    manifest = get_adapter("chexpert")(root).read()
+    raw = pd.read_csv(root / "train.csv")
+    raw = raw.assign(sample_id=raw["Path"].str.split("/", n=1).str[1]).set_index("sample_id")
+    held = manifest[manifest["split"] == "5x200"]
+    assert len(held) > 0
+    one_hot = raw.loc[held["sample_id"], COMPETITION].fillna(0.0).to_numpy()
+    assert (one_hot.sum(1) == 1).all() and set(np.unique(one_hot)) == {0.0, 1.0}
+    assert (raw.loc[held["sample_id"], "Frontal/Lateral"] == "Frontal").all()
+    variant = get_adapter("chexpert-5x200")(root).read()
+    assert set(variant.loc[variant["split"] == "test", "sample_id"]) == set(held["sample_id"])
+    again = get_adapter("chexpert")(root, {"five_by_200_seed": 0}).read()
+    assert again["split"].equals(manifest["split"])
+
+
+def test_chexpert_uncertain_policies(data_home):
+    root = _root(data_home, "chexpert")
+    raw = pd.read_csv(root / "train.csv").assign(sample_id=lambda d: d["Path"].str.split("/", n=1).str[1])
+    read = {p: get_adapter("chexpert")(root, {"uncertain_policy": p}).read().set_index("sample_id")
+            for p in ("zeros", "ones", "gloria")}
+    rows = raw.set_index("sample_id").loc[read["zeros"].index.intersection(raw["sample_id"])]
+    for label in COMPETITION:
+        unc = rows.index[rows[label] == -1.0]
+        blank = rows.index[rows[label].isna()]
+        assert (read["zeros"].loc[unc, label] == 0).all() and (read["ones"].loc[unc, label] == 1).all()
+        assert (read["gloria"].loc[unc, label] == (1.0 if label in ("Atelectasis", "Edema", "Pleural Effusion")
+                                                    else 0.0)).all()
+        assert (read["ones"].loc[blank, label] == 0).all()
+    with pytest.raises(UserError, match="unknown uncertain_policy 'maybe'"):
+        get_adapter("chexpert")(root, {"uncertain_policy": "maybe"}).read()
+
+
+def test_chexpert_study_level_test_set_when_present(tmp_path):
+    from bench.synth.writers import write_chexpert
+
+    root = tmp_path / "CheXpert-v1.0-small"
+    write_chexpert(root, 20, 3, 1, test_studies=12)
+    truth = pd.read_csv(root / "test" / "groundtruth.csv")
+    assert list(truth.columns[:2]) == ["Study", "No Finding"] and truth["Study"].str.match(
+        r"^CheXpert-v1.0/test/patient\d{5}/study1$").all()
+    manifest = get_adapter("chexpert")(root).read()
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) == 12 and test["sample_id"].str.endswith("/view1_frontal.jpg").all()
+    assert set(manifest.loc[manifest["split"] == "val", "sample_id"].str[:6]) == {"valid/"}
+
+
+def test_bad_chexpert_input_names_file_and_line(tmp_path, data_home):
+    root = tmp_path / "CheXpert-v1.0-small"
+    shutil.copytree(_root(data_home, "chexpert"), root, ignore=shutil.ignore_patterns("*.jpg"))
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    good = train.copy()
+    train.loc[3, "Edema"] = "2.0"
+    train.to_csv(root / "train.csv", index=False)
+    with pytest.raises(UserError, match=r"train.csv: line 5: column 'Edema' has value '2.0'"):
+        get_adapter("chexpert")(root).read()
+    train.drop(columns=["Edema"]).to_csv(root / "train.csv", index=False)
+    with pytest.raises(UserError, match=r"train.csv: missing column\(s\) 'Edema'"):
+        get_adapter("chexpert")(root).read()
+    good.to_csv(root / "train.csv", index=False)
+    (root / "valid.csv").unlink()
+    with pytest.raises(UserError, match="has none of valid.csv"):
+        get_adapter("chexpert")(root).read()
+
+
+def test_mimic_empty_reports_are_skipped_with_a_count_or_refused(tmp_path, data_home, capsys):
+    root = tmp_path / "mimic"
+    shutil.copytree(_root(data_home, "mimic-cxr"), root)
+    full = get_adapter("mimic-cxr")(root).read()
+    victim = full.iloc[0]
+    report = root / "files" / f"p{victim.patient_id[:2]}" / f"p{victim.patient_id}" / f"s{victim.study_id}.txt"
+    report.write_text("")
+    kept = get_adapter("mimic-cxr")(root).read()
+    assert victim.sample_id not in set(kept["sample_id"]) and len(kept) < len(full)
+    err = capsys.readouterr().err
+    assert "skipped 1 of" in err and str(report) in err
+    with pytest.raises(UserError, match=f"first: {report}"):
+        get_adapter("mimic-cxr")(root, {"empty_reports": "error"}).read()
+
+
+def test_inspect_json_has_the_documented_shape(data_home):
+    out = bench_cli("data", "inspect", "chexpert", "--root", str(_root(data_home, "chexpert")), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert set(summary) == {"dataset", "n_samples", "n_patients", "n_missing_images", "splits", "labels"}
+    assert summary["n_missing_images"] == 0
+    assert sum(s["n"] for s in summary["splits"].values()) == summary["n_samples"]
+    assert set(summary["labels"]) == set(COMPETITION)
+    raw = pd.read_csv(_root(data_home, "chexpert") / "train.csv")
+    raw = raw[raw["Frontal/Lateral"] == "Frontal"]
+    assert summary["labels"]["Edema"]["uncertain"] == int((raw["Edema"] == -1).sum()) > 0
+    ones = json.loads(bench_cli("data", "inspect", "chexpert", "--root", str(_root(data_home, "chexpert")),
+                                "--json", "--set", "uncertain_policy=ones").stdout)
+    zeros = json.loads(bench_cli("data", "inspect", "chexpert", "--root", str(_root(data_home, "chexpert")),
+                                 "--json", "--set", "uncertain_policy=zeros").stdout)
+    assert ones["labels"]["Edema"]["positive"] - zeros["labels"]["Edema"]["positive"] == \
+        summary["labels"]["Edema"]["uncertain"]
+
+
+def test_metadata_only_roots_are_allowed_and_strict_refuses_them(tmp_path, data_home):
+    root = tmp_path / "nih"
+    shutil.copytree(_root(data_home, "nih"), root, ignore=shutil.ignore_patterns("*.png"))
+    out = bench_cli("data", "inspect", "nih", "--root", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["n_missing_images"] == summary["n_samples"] > 0
+    strict = bench_cli("data", "inspect", "nih", "--root", str(root), "--strict")
+    assert strict.returncode == 2 and "image file(s) named in the metadata are missing" in strict.stderr
+
+
+def test_a_corrupt_image_is_skipped_before_training_or_stops_the_run(tmp_path, data_home, tiny_cfg, capsys):
+    from bench.images import UnreadableImage
+    from bench.pipeline import load_dataset
+
+    root = tmp_path / "rsna"
+    shutil.copytree(_root(data_home, "rsna"), root)
+    victim = sorted((root / "stage_2_train_images").glob("*.dcm"))[3]
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated mid-header
+    extra = (f"data.rsna.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    data = load_dataset(tiny_cfg(extra=extra), "rsna")
+    assert victim.stem not in set(data.manifest["sample_id"])
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+    with pytest.raises(UnreadableImage, match=victim.name):
+        load_dataset(tiny_cfg(extra=(*extra, "data.corrupt_images=error")), "rsna")

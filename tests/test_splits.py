@@ -1,0 +1,58 @@
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.datasets.base import Task
+from bench.errors import UserError
+from bench.splits import fraction_file, materialise
+
+
+def _manifest(n: int = 1000, classes: int = 3, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = rng.choice(classes, n, p=[0.7, 0.2, 0.1][:classes] if classes == 3 else None)
+    split = rng.choice(["train", "val", "test"], n, p=[0.7, 0.1, 0.2])
+    return pd.DataFrame({"sample_id": [f"s{i:05d}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
+                         "image_path": "x", "split": split, **{f"c{k}": (y == k).astype(float) for k in range(classes)}})
+
+
+MULTICLASS = Task(labels=["c0", "c1", "c2"], multilabel=False, metric="acc")
+
+
+def test_split_files_are_written_once_with_their_hashes_and_reused(tmp_path):
+    manifest = _manifest()
+    files = materialise(manifest, MULTICLASS, "toy", tmp_path)
+    names = sorted(p.name for p in files.directory.iterdir())
+    assert names == ["SHA256SUMS", "test.txt", "train.txt", "train_1.txt", "train_10.txt", "val.txt"]
+    sums = dict(reversed(line.split("  ")) for line in (files.directory / "SHA256SUMS").read_text().splitlines())
+    for name, digest in sums.items():
+        assert hashlib.sha256((files.directory / name).read_bytes()).hexdigest() == digest
+    stamp = (files.directory / "train_1.txt").stat().st_mtime_ns
+    again = materialise(manifest.sample(frac=1, random_state=1), MULTICLASS, "toy", tmp_path)
+    assert again.directory == files.directory and (files.directory / "train_1.txt").stat().st_mtime_ns == stamp
+    moved = manifest.assign(split=np.where(manifest["sample_id"] == "s00000", "val", manifest["split"]))
+    assert materialise(moved, MULTICLASS, "toy", tmp_path).directory != files.directory
+
+
+def test_fractions_are_nested_stratified_and_logged_when_used(tmp_path):
+    manifest = _manifest()
+    files = materialise(manifest, MULTICLASS, "toy", tmp_path)
+    train = files.rows("train")
+    one, ten = files.rows("train", 0.01), files.rows("train", 0.1)
+    assert set(one["sample_id"]) < set(ten["sample_id"]) < set(train["sample_id"])
+    assert len(ten) == pytest.approx(0.1 * len(train), abs=3)
+    for c in MULTICLASS.labels:  # each class keeps its share, and at least one sample
+        assert ten[c].sum() == pytest.approx(0.1 * train[c].sum(), abs=1)
+        assert one[c].sum() >= 1
+    assert set(files.used) == {"train.txt", "train_1.txt", "train_10.txt"}
+    five = files.rows("train", 0.05)  # another fraction is materialised on first use
+    assert (files.directory / fraction_file(0.05)).exists() and len(five) == pytest.approx(0.05 * len(train), abs=3)
+
+
+def test_a_split_file_edited_by_hand_is_refused(tmp_path):
+    files = materialise(_manifest(), MULTICLASS, "toy", tmp_path)
+    with (files.directory / "test.txt").open("a") as fh:
+        fh.write("s99999\n")
+    with pytest.raises(UserError, match="test.txt: split file changed since it was written"):
+        files.rows("test")
