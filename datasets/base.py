@@ -56,7 +56,7 @@ class Adapter:
     description: ClassVar[str] = ""
 
     def __init__(self, root: str | Path, cfg: DictConfig | dict | None = None):
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser().absolute()
         self.cfg = cfg if cfg is not None else {}
         if not self.root.is_dir():
             raise UserError(f"{self.name}: data root {self.root} does not exist or is not a folder")

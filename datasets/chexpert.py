@@ -17,6 +17,8 @@ counts as negative under every policy.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 
@@ -80,7 +82,7 @@ class CheXpert(Adapter):
             raise UserError(f"{path}: line {df.index[line] + 2}: Path {df['Path'].iloc[line]!r} is not "
                             f"<dataset folder>/<part>/patientNNNNN/...")
         frame = pd.DataFrame({"sample_id": rel.values, "patient_id": patient.values,
-                              "image_path": [str(self.root / r) for r in rel]}, index=df.index)
+                              "image_path": (str(self.root.absolute()) + os.sep + rel).values}, index=df.index)
         return frame, raw
 
     def _test_set(self) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -93,7 +95,7 @@ class CheXpert(Adapter):
                 rel = df["Study"].str.split("/", n=1).str[1] + "/view1_frontal.jpg"
                 frame = pd.DataFrame({"sample_id": rel.values,
                                       "patient_id": rel.str.extract(r"(patient\d+)", expand=False).values,
-                                      "image_path": [str(self.root / r) for r in rel]})
+                                      "image_path": (str(self.root.absolute()) + os.sep + rel).values})
                 return frame, raw
         return None
 
