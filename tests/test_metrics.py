@@ -44,3 +44,22 @@ def test_zero_shot_is_computed_over_the_whole_split_independent_of_batch_size(ti
     recomputed = macro(auc_per_class(preds[[f"true/{c}" for c in task.labels]].to_numpy(),
                                      preds[[f"score/{c}" for c in task.labels]].to_numpy(), task.labels))
     assert recomputed == pytest.approx(results[0]["metrics"]["auc"])
+
+
+def test_multi_class_tasks_report_accuracy_from_stored_predictions(tiny_cfg):
+    from bench.errors import UserError
+    from bench.evaluation import linear_probe
+    from bench.metrics import accuracy
+
+    cfg = tiny_cfg(extra=("eval.linear_probe.c_grid=[1.0]",))
+    method = build_method(cfg, 0)
+    for dataset, protocol in (("covidx", zero_shot), ("chexpert-5x200", zero_shot), ("covidx", linear_probe)):
+        data = load_dataset(cfg, dataset)
+        out = protocol(method, data, cfg, torch.device("cpu"))
+        preds = out["predictions"]
+        y = preds[[f"true/{c}" for c in data.task.labels]].to_numpy()
+        s = preds[[f"score/{c}" for c in data.task.labels]].to_numpy()
+        assert (y.sum(1) == 1).all() and np.allclose(s.sum(1), 1.0)
+        assert out["metrics"]["acc"] == pytest.approx(accuracy(y, s)) and "auc" in out["metrics"]
+    with pytest.raises(UserError, match="not single-label"):
+        linear_probe(method, load_dataset(cfg, "chexpert-5x200"), cfg, torch.device("cpu"))
