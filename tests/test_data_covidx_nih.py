@@ -1,6 +1,5 @@
 """COVIDx and NIH ChestX-ray14: the synthetic copies keep the real formats' quirks, and the adapters read
 them (and reject broken copies with one line naming the file and line)."""
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from bench.synth.png_writers import (
     write_covidx,
     write_nih,
 )
+from tests_support import tree_digest as _digest
 
 SEED = 3
 N_COVIDX, N_NIH = 45, 40
@@ -48,12 +48,6 @@ def nih(tmp_path_factory) -> Path:
     write_nih(root, N_NIH, SEED, 2)
     return root
 
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return h.hexdigest()
 
 
 def _labels(path: Path) -> pd.DataFrame:

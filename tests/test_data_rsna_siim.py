@@ -1,5 +1,4 @@
 """RSNA Pneumonia and SIIM-ACR Pneumothorax: the DICOM writers, the SIIM run-length code and both adapters."""
-import hashlib
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from bench.synth.dicom_writers import (
     write_rsna,
     write_siim,
 )
+from tests_support import correlation as _corr, tree_digest as _digest
 
 SEED = 3
 N_RSNA, N_SIIM = 48, 64
@@ -40,15 +40,6 @@ def siim_root(tmp_path_factory) -> Path:
     return root
 
 
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return h.hexdigest()
-
-
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
 
 
 def _assert_patient_disjoint(manifest: pd.DataFrame) -> None:

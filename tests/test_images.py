@@ -5,15 +5,13 @@ from PIL import Image
 import bench.images as images
 from bench.images import ImageCache, UnreadableImage, read_image, resize_and_pad, usable
 from bench.synth.dicom_writers import write_dicom
+from tests_support import correlation as _corr
 
 
 def _drawing(h: int = 60, w: int = 48) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
     return ((x * 3 + y * 2) % 256).astype(np.uint8)
 
-
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
 
 
 def test_png_jpg_in_8_and_16_bit_and_rgba_read_as_the_same_grayscale(tmp_path):

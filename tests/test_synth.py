@@ -1,7 +1,3 @@
-import gzip
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,17 +5,10 @@ import pytest
 from bench.datasets import get_adapter
 from bench.errors import UserError
 from bench.synth import dataset_dir, ensure_synthetic
+from tests_support import tree_digest as _digest
 
 CHEXPERT_DIR, MIMIC_DIR = dataset_dir("chexpert"), dataset_dir("mimic-cxr")
 
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        data = path.read_bytes()
-        h.update(gzip.decompress(data) if path.suffix == ".gz" else data)
-    return h.hexdigest()
 
 
 def test_generator_is_deterministic_by_seed(tmp_path, data_home):

@@ -1,7 +1,25 @@
+import gzip
+import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+
+
+def tree_digest(root: Path) -> str:
+    """One hash of every file's relative path and content (gzip members by their content, since the
+    gzip header holds a timestamp)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        h.update(str(path.relative_to(root)).encode() + (gzip.decompress(data) if path.suffix == ".gz" else data))
+    return h.hexdigest()
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
 
 
 def run_dir_of(results_dir) -> Path:
