@@ -105,10 +105,11 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    if args.data_verb == "synth":
-        import os
-        from pathlib import Path
+    import json
+    import os
+    from pathlib import Path
 
+    if args.data_verb == "synth":
         from bench.synth import DATASETS, ensure_synthetic
 
         default = Path(os.environ.get("MEDVLP_BENCH_DATA", "~/.cache/medvlp-bench")) / \
@@ -117,8 +118,6 @@ def _data(args: argparse.Namespace) -> None:
         for name, (folder, _) in DATASETS.items():
             print(f"{name:<10} {root / folder}")
         return
-    import json
-
     from bench.datasets import get_adapter
     from bench.inspection import default_settings, render, summarise, throughput
 
@@ -128,10 +127,7 @@ def _data(args: argparse.Namespace) -> None:
         task = adapter.task
         print(json.dumps(summary) if args.json else render(summary, task.kind, task.metric))
         return
-    paths = adapter.read(with_reports=False)["image_path"]
-    import os
-
-    paths = [p for p in paths if os.path.exists(p)][:args.limit]
+    paths = [p for p in adapter.read(with_reports=False)["image_path"] if os.path.exists(p)][:args.limit]
     if not paths:
         raise UserError(f"{args.dataset}: no image files found under {args.root}")
     rates = throughput(paths, args.image_size, 0.5, 0.25, args.cache_dir)

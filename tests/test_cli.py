@@ -55,3 +55,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_data_synth_and_throughput(data_home):
+    root = data_home / "synthetic-tiny-0"
+    out = bench_cli("data", "synth", "--size", "tiny", "--out", str(root))
+    assert out.returncode == 0, out.stderr
+    assert f"nih        {root / 'ChestX-ray14'}" in out.stdout and len(out.stdout.splitlines()) == 6
+    speed = bench_cli("data", "throughput", "rsna", "--root", str(root / "rsna-pneumonia-detection-challenge"),
+                      "--limit", "20", "--image-size", "64")
+    assert speed.returncode == 0, speed.stderr
+    assert "rsna: 20 images at 64px, images/s: no cache" in speed.stdout and "from the cache" in speed.stdout

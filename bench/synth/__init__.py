@@ -14,7 +14,7 @@ GENERATOR_VERSION = 4
 # dataset -> (folder named as the real download names it, size -> item count)
 DATASETS = {
     "mimic-cxr": ("mimic-cxr-jpg", {"tiny": 96, "small": 2000, "medium": 12000}),  # studies
-    "chexpert": ("CheXpert-v1.0-small", {"tiny": 48, "small": 600, "medium": 4000}),  # training patients
+    "chexpert": ("CheXpert-v1.0-small", {"tiny": 48, "small": 2000, "medium": 10000}),  # training patients
     "rsna": ("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 800, "medium": 4000}),  # patients
     "siim": ("siim-acr-pneumothorax", {"tiny": 80, "small": 800, "medium": 4000}),  # images
     "covidx": ("COVIDx", {"tiny": 90, "small": 900, "medium": 4000}),  # images
@@ -36,7 +36,8 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     """
     if size not in SIZES:
         raise UserError(f"unknown synthetic size {size!r}; valid sizes: {', '.join(SIZES)}")
-    params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed}
+    params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed,
+              "counts": {name: counts[size] for name, (_, counts) in DATASETS.items()}}
     marker = root / MARKER
     if marker.exists():
         found = json.loads(marker.read_text())
