@@ -126,13 +126,18 @@ class ImageCache:
             raise UnreadableImage(f"{path}: image file not found") from None
         try:
             return np.fromfile(entry, np.uint8).reshape(self.size, self.size)
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # not cached yet (or a cache that cannot be read: decode)
             square = resize_and_pad(read_image(path), self.size)
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(square.tobytes())
-            os.replace(tmp, entry)
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(square.tobytes())
+                os.replace(tmp, entry)
+            except OSError as exc:  # a full or read-only cache slows the run down; it must not stop it
+                print(f"bench: image cache {self.directory} is not writable ({exc}); decoding every time",
+                      file=sys.stderr)
+                self.directory = None
             return square
 
 

@@ -82,3 +82,17 @@ def test_unreadable_images_are_skipped_with_a_count_or_stop_the_run(tmp_path, ca
     assert "skipped 1 unreadable image(s) in set; first:" in capsys.readouterr().err
     with pytest.raises(UnreadableImage, match="bad.png.*1 unreadable image"):
         usable(cache, paths, "error", "set")
+
+
+def test_parallel_decoding_agrees_with_serial_and_an_unwritable_cache_only_slows_down(tmp_path, capsys):
+    for i in range(70):
+        Image.fromarray(np.roll(_drawing(), i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "13.png").write_bytes(b"broken")
+    paths = [str(tmp_path / f"{i}.png") for i in range(70)]
+    serial = usable(ImageCache(tmp_path / "a", 32), paths, "skip", "set", workers=0)
+    parallel = usable(ImageCache(tmp_path / "b", 32), paths, "skip", "set", workers=2)
+    assert serial.tolist() == parallel.tolist() and serial.sum() == 69
+    (tmp_path / "readonly").write_text("a file where the cache folder should be")
+    cache = ImageCache(tmp_path / "readonly", 32)
+    assert np.array_equal(cache.get(paths[0]), ImageCache(None, 32).get(paths[0]))
+    assert "is not writable" in capsys.readouterr().err and cache.directory is None
