@@ -105,7 +105,7 @@ class SplitFiles:
         name = fraction_file(fraction) if split == "train" else f"{split}.txt"
         train = self.manifest[self.manifest["split"] == "train"]
         self.used[name] = self._file(name, fraction_ids(train, self.task, fraction) if fraction < 1 else [])
-        ids = set((self.directory / name).read_text().split())
+        ids = set((self.directory / name).read_text().splitlines())
         rows = self.manifest[self.manifest["sample_id"].astype(str).isin(ids)]
         if len(rows) != len(ids):
             raise UserError(f"{self.directory / name}: lists {len(ids) - len(rows)} sample(s) absent from "
