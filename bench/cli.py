@@ -105,6 +105,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
+    import itertools
     import json
     import os
     from pathlib import Path
@@ -127,7 +128,8 @@ def _data(args: argparse.Namespace) -> None:
         task = adapter.task
         print(json.dumps(summary) if args.json else render(summary, task.kind, task.metric))
         return
-    paths = [p for p in adapter.read(with_reports=False)["image_path"] if os.path.exists(p)][:args.limit]
+    existing = (p for p in adapter.read(with_reports=False)["image_path"] if os.path.exists(p))
+    paths = list(itertools.islice(existing, args.limit))
     if not paths:
         raise UserError(f"{args.dataset}: no image files found under {args.root}")
     rates = throughput(paths, args.image_size, 0.5, 0.25, args.cache_dir)

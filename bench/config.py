@@ -120,13 +120,16 @@ def dataset_settings(cfg: DictConfig, name: str) -> DictConfig:
 def dataset_identity(cfg: DictConfig, name: str) -> dict:
     """What decides a dataset's samples: its settings, the corrupt-image policy, and, when it reads the
     synthetic copy (root null), the generator's parameters. Cache and split folders are left out."""
-    from bench.synth import GENERATOR_VERSION
+    from bench.datasets import get_adapter
+    from bench.synth import DATASETS, GENERATOR_VERSION
 
     settings = to_plain(dataset_settings(cfg, name))
     out = {"dataset": name, "settings": settings, "corrupt_images": cfg.data.corrupt_images}
     if settings.get("root") is None:
-        out["synthetic"] = {"size": cfg.data.synthetic.size, "seed": cfg.data.synthetic.seed,
-                            "generator_version": GENERATOR_VERSION}
+        size = cfg.data.synthetic.size
+        counts = DATASETS.get(get_adapter(name).config_key or name, ("", {}))[1]
+        out["synthetic"] = {"size": size, "seed": cfg.data.synthetic.seed, "generator_version": GENERATOR_VERSION,
+                            "count": counts.get(size)}
     return out
 
 

@@ -117,17 +117,35 @@ class ImageCache:
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.directory / f"{self.size}px" / digest[:2] / digest[2:]
 
+    def _entry_or_error(self, path: str | Path) -> Path:
+        try:
+            return self.entry(path)
+        except FileNotFoundError:
+            raise UnreadableImage(f"{path}: image file not found") from None
+        except OSError as exc:
+            raise UnreadableImage(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+    def check(self, path: str | Path) -> None:
+        """Make sure `path` is cached (decoding it if not); UnreadableImage if it cannot be. A cached
+        entry is only stat'ed, so checking a warm cache costs no image I/O."""
+        if self.directory is not None:
+            entry = self._entry_or_error(path)
+            try:
+                if entry.stat().st_size == self.size * self.size:
+                    return
+            except OSError:
+                pass
+        self.get(path)
+
     def get(self, path: str | Path) -> np.ndarray:
         if self.directory is None:
             return resize_and_pad(read_image(path), self.size)
-        try:
-            entry = self.entry(path)
-        except FileNotFoundError:
-            raise UnreadableImage(f"{path}: image file not found") from None
+        entry = self._entry_or_error(path)
         try:
             return np.fromfile(entry, np.uint8).reshape(self.size, self.size)
         except (OSError, ValueError):  # not cached yet (or a cache that cannot be read: decode)
             square = resize_and_pad(read_image(path), self.size)
+            tmp = None
             try:
                 entry.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
@@ -135,6 +153,8 @@ class ImageCache:
                     fh.write(square.tobytes())
                 os.replace(tmp, entry)
             except OSError as exc:  # a full or read-only cache slows the run down; it must not stop it
+                if tmp is not None:
+                    Path(tmp).unlink(missing_ok=True)
                 print(f"bench: image cache {self.directory} is not writable ({exc}); decoding every time",
                       file=sys.stderr)
                 self.directory = None
@@ -146,7 +166,7 @@ def _check(args: tuple[ImageCache, list[str]]) -> list[str | None]:
     errors: list[str | None] = []
     for p in paths:
         try:
-            cache.get(p)
+            cache.check(p)
             errors.append(None)
         except UnreadableImage as exc:
             errors.append(str(exc))
@@ -154,7 +174,7 @@ def _check(args: tuple[ImageCache, list[str]]) -> list[str | None]:
 
 
 def decode_all(cache: ImageCache, paths: Sequence[str], workers: int = 0) -> list[str | None]:
-    """Decode (and cache) every image once, in parallel; one error message or None per path, in order."""
+    """Decode and cache every image not cached yet, in parallel; one error message or None per path."""
     paths = list(paths)
     if workers <= 1 or len(paths) < 64:
         return _check((cache, paths))

@@ -83,7 +83,10 @@ def default_settings(name: str, overrides: list[str]) -> dict:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"malformed setting {bad[0]!r}: expected key=value (e.g. uncertain_policy=ones)")
-    unknown = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] not in settings]
+    unknown = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].split(".")[0] not in settings]
     if unknown:
         raise UserError(f"{name} has no setting {unknown[0]!r}; its settings: {', '.join(settings)}")
-    return OmegaConf.to_container(OmegaConf.merge(settings, OmegaConf.from_dotlist(overrides)))
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(settings, OmegaConf.from_dotlist(overrides)))
+    except Exception as exc:  # OmegaConf's grammar and type errors: report them as the bad setting they are
+        raise UserError(f"bad dataset setting in {', '.join(overrides)}: {str(exc).splitlines()[0]}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from bench.method import Method
 from bench.provenance import device_info, git_state, library_versions
 from bench.registry import get_method
 from bench.results import RecordKey, ResultsStore
-from bench.splits import SplitFiles, materialise
+from bench.splits import SplitFiles, fraction_file, materialise
 from bench.trainer import Trainer, resolve_device, seed_everything
 
 RANDOM_INIT = "random-init"
@@ -51,8 +51,8 @@ def dataset_root(cfg: DictConfig, name: str) -> Path:
 
 @dataclass
 class LoadedDataset:
-    """A dataset ready to evaluate or train on: its manifest without unreadable images, its task, its
-    frozen split files and the image cache and preprocessing of the model preset."""
+    """A dataset ready to evaluate or train on: its manifest, task and frozen split files, and the image
+    cache and preprocessing of the model preset."""
 
     name: str
     manifest: pd.DataFrame
@@ -60,6 +60,17 @@ class LoadedDataset:
     splits: SplitFiles
     cache: ImageCache
     image_cfg: DictConfig
+    corrupt_images: str = "skip"
+    decode_workers: int = 1
+    skipped: dict[str, int] = field(default_factory=dict)  # split file -> unreadable images left out
+
+    def rows(self, split: str, fraction: float = 1.0) -> pd.DataFrame:
+        """The split's rows (a label fraction's, for train) whose images can be read: each is decoded into
+        the cache now if it is not there yet, so no epoch meets an unreadable file."""
+        rows = self.splits.rows(split, fraction)
+        ok = usable(self.cache, rows["image_path"], self.corrupt_images, f"{self.name} {split}", self.decode_workers)
+        self.skipped[fraction_file(fraction) if split == "train" else f"{split}.txt"] = int((~ok).sum())
+        return rows[ok].reset_index(drop=True)
 
     def preprocessor(self, augment: bool) -> ImagePreprocessor:
         image = self.image_cfg
@@ -71,14 +82,10 @@ def load_dataset(cfg: DictConfig, name: str, with_reports: bool = False) -> Load
     manifest = adapter.read(with_reports=with_reports)
     if manifest.empty:
         raise UserError(f"{name}: no usable samples under {adapter.root}")
-    cache = ImageCache(cfg.data.cache_dir, int(cfg.model.image.image_size))
-    ok = usable(cache, manifest["image_path"], cfg.data.corrupt_images, f"{name} ({adapter.root})",
-                int(cfg.runtime.num_workers))
-    manifest = manifest[ok].reset_index(drop=True)
-    if manifest.empty:
-        raise UserError(f"{name}: none of the images under {adapter.root} can be read")
     splits = materialise(manifest, adapter.task, name, cfg.data.splits_dir)
-    return LoadedDataset(name, manifest, adapter.task, splits, cache, cfg.model.image)
+    workers = cfg.runtime.get("decode_workers") or os.cpu_count() or 1
+    return LoadedDataset(name, manifest, adapter.task, splits, ImageCache(cfg.data.cache_dir,
+                         int(cfg.model.image.image_size)), cfg.model.image, cfg.data.corrupt_images, int(workers))
 
 
 def build_method(cfg: DictConfig, seed: int) -> Method:
@@ -95,7 +102,7 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tupl
     final = run_dir / "final.pt"
     if not final.exists():
         data = load_dataset(cfg, cfg.data.pretrain, with_reports=True)
-        train = data.splits.rows("train")
+        train = data.rows("train")
         dataset = ImageTextDataset(train["image_path"], train["report"], train["sample_id"],
                                    data.preprocessor(augment=True), data.cache, cfg.seed)
         trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress, cfg.runtime.num_workers)
@@ -133,6 +140,7 @@ def evaluate(cfg: DictConfig, method: Method, identity: tuple[str, str, str], ch
             if data is None:
                 data = load_dataset(cfg, dataset)
             data.splits.used.clear()
+            data.skipped.clear()
             started = time.time()
             out = PROTOCOLS[protocol](method, data, cfg, device, cfg.runtime.num_workers)
             task = data.task
@@ -141,7 +149,8 @@ def evaluate(cfg: DictConfig, method: Method, identity: tuple[str, str, str], ch
                 "chosen": out.get("chosen", {}),
                 "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
                 "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": ckpt,
-                "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used)},
+                "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
+                           "unreadable_skipped": dict(data.skipped)},
                 "git": git_state(), "libraries": library_versions(),
                 "device": device_info(device), "wall_time_s": round(time.time() - started, 3),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -53,7 +53,9 @@ def _strata(train: pd.DataFrame, task: Task) -> list[np.ndarray]:
 
 
 def fraction_ids(train: pd.DataFrame, task: Task, fraction: float) -> list[str]:
-    """The sample ids of a `fraction` of `train`: nested across fractions, stratified where it can be."""
+    """The sample ids of a `fraction` of `train`: nested across fractions, stratified where it can be, and
+    independent of the manifest's row order."""
+    train = train.sort_values("sample_id", key=lambda ids: ids.astype(str))
     rng = np.random.default_rng(FRACTION_SEED)
     chosen = []
     for rows in _strata(train, task):
@@ -75,7 +77,11 @@ class SplitFiles:
         path = self.directory / SUMS
         if not path.exists():
             return {}
-        return {name: digest for digest, name in (line.split("  ", 1) for line in path.read_text().splitlines())}
+        pairs = [line.split("  ", 1) for line in path.read_text().splitlines() if line.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise UserError(f"{path}: not a SHA256SUMS file (lines are '<sha256>  <file>'); delete the folder "
+                            f"to rebuild it")
+        return {name: digest for digest, name in pairs}
 
     def _record(self, name: str, digest: str) -> None:
         sums = self._sums()
@@ -115,8 +121,11 @@ class SplitFiles:
 
 def materialise(manifest: pd.DataFrame, task: Task, dataset: str, splits_dir: str | Path) -> SplitFiles:
     """Write (once) and return the split files of `manifest`."""
-    assignment = manifest[["sample_id", "split"]].astype(str).sort_values(["split", "sample_id"])
-    key = _sha256("".join(f"{s}\t{i}\n" for i, s in assignment.itertuples(index=False)))[:16]
+    # the key covers what the files are drawn from: ids, splits, the labels that stratify, the seed
+    columns = ["sample_id", "split", *task.labels]
+    assignment = manifest[columns].astype(str).sort_values(["split", "sample_id"])
+    lines = "".join("\t".join(row) + "\n" for row in assignment.itertuples(index=False))
+    key = _sha256(f"seed {FRACTION_SEED}\n{lines}")[:16]
     files = SplitFiles(Path(splits_dir).expanduser() / dataset / key, manifest, task)
     for split, ids in manifest.groupby("split")["sample_id"]:
         files._file(f"{split}.txt", ids)

@@ -8,7 +8,9 @@ the raw uncertain (-1) values per label before any policy.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable
@@ -82,6 +84,18 @@ def patient_fold(patient_ids: Iterable[str], salt: str) -> np.ndarray:
     return ids.map(values).to_numpy(dtype=float)
 
 
+def fraction_setting(cfg, key: str, default: float) -> float:
+    """A split fraction from an adapter's settings, checked to lie in [0, 1)."""
+    value = cfg.get(key, default)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key} must be a number in [0, 1), got {value!r}") from None
+    if not 0 <= value < 1:
+        raise UserError(f"{key} must be in [0, 1), got {value}")
+    return value
+
+
 def hash_split(patient_ids: Iterable[str], salt: str, val: float, test: float) -> np.ndarray:
     """train/val/test by patient hash: the documented split for datasets without an official one."""
     if not (0 <= val and 0 <= test and val + test < 1):
@@ -118,7 +132,7 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
         return pd.read_csv(path, **kwargs)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError,
-            ValueError) as exc:
+            ValueError, zlib.error, csv.Error) as exc:
         raise UserError(f"{path}: cannot be read as CSV ({' '.join(str(exc).split())})") from None
 
 

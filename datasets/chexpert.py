@@ -7,7 +7,8 @@ Splits (documented rule):
 - `val`: valid.csv when the test set is present; otherwise the training patients whose stable hash falls
   below `val_fraction`.
 - `5x200`: the zero-shot set built by GLoRIA/MGCA's rule (frontal training images with exactly one positive
-  competition label among the five after blank->0, 200 per class, drawn with seed `five_by_200_seed`);
+  competition label among the five and the other observations but No Finding negative, after blank->0;
+  200 per class, drawn with seed `five_by_200_seed`);
   these images leave the training split, as in GLoRIA/MGCA, and so do their patients' other images
   (GLoRIA keeps them in train, which puts one patient on both sides). Fewer than 200 where a class has fewer.
 - `train`: the remaining training patients.
@@ -22,8 +23,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from bench.datasets.base import (Adapter, Task, count_uncertain, finding_task, label_values, patient_fold,
-                                 read_csv, register_adapter, require_columns)
+from bench.datasets.base import (Adapter, Task, count_uncertain, finding_task, fraction_setting, label_values,
+                                 patient_fold, read_csv, register_adapter, require_columns)
 from bench.errors import UserError
 
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -33,6 +34,8 @@ ALL_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung 
 GLORIA_UNCERTAIN = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0,
                     "Pleural Effusion": 1.0}
 POLICIES = ("zeros", "ones", "gloria")
+FIVE_BY_200_ZERO = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax",
+                    "Pleural Other", "Fracture", "Support Devices"]
 FIVE_BY_200 = "5x200"
 
 
@@ -46,14 +49,16 @@ def apply_uncertain_policy(labels: pd.DataFrame, policy: str) -> pd.DataFrame:
     return out
 
 
-def five_by_200(frame: pd.DataFrame, raw: pd.DataFrame, seed: int, per_class: int = 200) -> pd.Index:
-    """GLoRIA/MGCA's CheXpert 5x200 rule: among frontal rows, with blank as 0, those whose competition
-    labels are exactly one-hot (uncertain -1 rows never match); `per_class` drawn per class with `seed`."""
-    filled = raw[COMPETITION].fillna(0.0)
+def five_by_200(frame: pd.DataFrame, raw: pd.DataFrame, frontal: pd.Series, seed: int,
+                per_class: int = 200) -> pd.Index:
+    """GLoRIA/MGCA's CheXpert 5x200 rule: among frontal rows, with blank as 0, those whose competition labels
+    are exactly one-hot and whose other eight observations (all but No Finding) are 0; uncertain -1 never
+    matches. `per_class` drawn per class with `seed`."""
+    filled = raw[[*COMPETITION, *FIVE_BY_200_ZERO]].fillna(0.0).to_numpy()
     chosen = []
     for i, name in enumerate(COMPETITION):
-        target = np.eye(len(COMPETITION))[i]
-        rows = frame.index[(filled.to_numpy() == target).all(axis=1)]
+        target = np.eye(len(COMPETITION) + len(FIVE_BY_200_ZERO))[i]
+        rows = frame.index[(filled == target).all(axis=1) & frontal.to_numpy()]
         rng = np.random.default_rng([seed, i])
         chosen.extend(rng.choice(rows, size=min(per_class, len(rows)), replace=False))
     return pd.Index(sorted(chosen))
@@ -68,8 +73,8 @@ class CheXpert(Adapter):
     def _read_listing(self, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         path = self.require(file)
         df = read_csv(path, dtype={"Path": str})
-        require_columns(df, ["Path", "Frontal/Lateral", *COMPETITION], path)
-        raw = label_values(df, [c for c in ALL_LABELS if c in df.columns], path)
+        require_columns(df, ["Path", "Frontal/Lateral", *ALL_LABELS], path)
+        raw = label_values(df, ALL_LABELS, path)
         if self.cfg.get("frontal_only", True):
             keep = df["Frontal/Lateral"] == "Frontal"
             df, raw = df[keep], raw[keep]
@@ -82,7 +87,8 @@ class CheXpert(Adapter):
             raise UserError(f"{path}: line {df.index[line] + 2}: Path {df['Path'].iloc[line]!r} is not "
                             f"<dataset folder>/<part>/patientNNNNN/...")
         frame = pd.DataFrame({"sample_id": rel.values, "patient_id": patient.values,
-                              "image_path": (str(self.root.absolute()) + os.sep + rel).values}, index=df.index)
+                              "image_path": (str(self.root.absolute()) + os.sep + rel).values,
+                              "frontal": (df["Frontal/Lateral"] == "Frontal").values}, index=df.index)
         return frame, raw
 
     def _test_set(self) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -105,14 +111,15 @@ class CheXpert(Adapter):
         valid, valid_raw = self._read_listing("valid.csv")
         test = self._test_set()
         train["split"] = "train"
-        held_out = five_by_200(train, train_raw, int(self.cfg.get("five_by_200_seed", 0)))
+        held_out = five_by_200(train, train_raw, train["frontal"], int(self.cfg.get("five_by_200_seed", 0)))
         train.loc[held_out, "split"] = FIVE_BY_200
         shared = train["patient_id"].isin(train.loc[held_out, "patient_id"]) & (train["split"] == "train")
         train, train_raw = train[~shared], train_raw[~shared]
         parts = [(train, train_raw)]
         if test is None:
             valid["split"] = "test"
-            is_val = patient_fold(train["patient_id"], "chexpert-val") < float(self.cfg.get("val_fraction", 0.1))
+            val_fraction = fraction_setting(self.cfg, "val_fraction", 0.1)
+            is_val = patient_fold(train["patient_id"], "chexpert-val") < val_fraction
             train.loc[is_val & (train["split"] == "train").to_numpy(), "split"] = "val"
             parts.append((valid, valid_raw))
         else:
@@ -123,7 +130,7 @@ class CheXpert(Adapter):
         for frame, raw in parts:
             labels = apply_uncertain_policy(raw[COMPETITION], policy)
             frames.append(frame.assign(**{c: labels[c].to_numpy() for c in COMPETITION}))
-        manifest = pd.concat(frames, ignore_index=True)
+        manifest = pd.concat(frames, ignore_index=True).drop(columns="frontal")
         manifest.attrs["uncertain"] = count_uncertain(pd.concat([raw[COMPETITION] for _, raw in parts]))
         return manifest
 

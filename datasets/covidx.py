@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.datasets.base import Adapter, Task, patient_fold, register_adapter
+from bench.datasets.base import Adapter, Task, fraction_setting, patient_fold, register_adapter
 from bench.errors import UserError
 
 FIELDS = ["patient_id", "filename", "class", "data_source"]
@@ -144,7 +144,7 @@ class Covidx(Adapter):
             }))
         manifest = self._disjoint(pd.concat(frames, ignore_index=True))
         if "val" not in self._tables:
-            fraction = float(self.cfg.get("val_fraction", 0.2))
+            fraction = fraction_setting(self.cfg, "val_fraction", 0.2)
             carve = (manifest["split"] == "train").to_numpy() & \
                 (patient_fold(manifest["patient_id"], "covidx-val") < fraction)
             manifest.loc[carve, "split"] = "val"

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bench.datasets.base import (
+    fraction_setting,
     Adapter,
     finding_task,
     hash_split,
@@ -119,10 +120,10 @@ class Nih(Adapter):
         return names.map(found).fillna(str(root / "images") + os.sep + names)
 
     def _splits(self, names: pd.Series, patients: pd.Series) -> np.ndarray:
-        val = float(self.cfg.get("val_fraction", 0.1))
+        val = fraction_setting(self.cfg, "val_fraction", 0.1)
         test_list = self.root / "test_list.txt"
         if not test_list.exists():
-            return hash_split(patients, "nih", val, float(self.cfg.get("test_fraction", 0.2)))
+            return hash_split(patients, "nih", val, fraction_setting(self.cfg, "test_fraction", 0.2))
         is_test = names.isin(read_list(test_list)).to_numpy()
         mixed = np.intersect1d(patients[is_test].unique(), patients[~is_test].unique())
         if len(mixed):

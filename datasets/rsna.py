@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from bench.datasets.base import (
+    fraction_setting,
     Adapter,
     finding_task,
     hash_split,
@@ -49,7 +50,7 @@ class Rsna(Adapter):
             "sample_id": ids,
             "patient_id": ids,
             "image_path": [str(images_dir / f"{i}.dcm") for i in ids],
-            "split": hash_split(ids, "rsna", float(self.cfg.get("val_fraction", 0.15)),
-                                float(self.cfg.get("test_fraction", 0.15))),
+            "split": hash_split(ids, "rsna", fraction_setting(self.cfg, "val_fraction", 0.15),
+                                fraction_setting(self.cfg, "test_fraction", 0.15)),
             LABEL: positive.to_numpy(dtype=float),
         })

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bench.datasets.base import (
+    fraction_setting,
     Adapter,
     finding_task,
     hash_split,
@@ -95,8 +96,8 @@ class Siim(Adapter):
             "sample_id": ids,
             "patient_id": ids,
             "image_path": [found.get(i) or str(images_dir / f"{i}.dcm") for i in ids],
-            "split": hash_split(ids, "siim", float(self.cfg.get("val_fraction", 0.15)),
-                                float(self.cfg.get("test_fraction", 0.15))),
+            "split": hash_split(ids, "siim", fraction_setting(self.cfg, "val_fraction", 0.15),
+                                fraction_setting(self.cfg, "test_fraction", 0.15)),
             LABEL: positive.to_numpy(dtype=float),
         })
 

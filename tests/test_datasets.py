@@ -8,7 +8,7 @@ import pytest
 
 from bench.datasets import adapter_names, get_adapter
 from bench.datasets.base import MANIFEST_COLUMNS, patients_in_several_splits
-from bench.datasets.chexpert import COMPETITION
+from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
 from bench.errors import UserError
 from bench.synth import dataset_dir
 from tests_support import bench_cli
@@ -44,6 +44,8 @@ def test_chexpert_5x200_follows_the_gloria_rule(data_home):
     assert len(held) > 0
     one_hot = raw.loc[held["sample_id"], COMPETITION].fillna(0.0).to_numpy()
     assert (one_hot.sum(1) == 1).all() and set(np.unique(one_hot)) == {0.0, 1.0}
+    assert (raw.loc[held["sample_id"], FIVE_BY_200_ZERO].fillna(0.0) == 0).all().all()
+    assert len(set(held[COMPETITION].to_numpy().argmax(1))) >= 3  # the tiny copy lacks some single-finding classes
     assert (raw.loc[held["sample_id"], "Frontal/Lateral"] == "Frontal").all()
     variant = get_adapter("chexpert-5x200")(root).read()
     assert set(variant.loc[variant["split"] == "test", "sample_id"]) == set(held["sample_id"])
@@ -155,7 +157,24 @@ def test_a_corrupt_image_is_skipped_before_training_or_stops_the_run(tmp_path, d
     victim.write_bytes(victim.read_bytes()[:300])  # truncated mid-header
     extra = (f"data.rsna.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
     data = load_dataset(tiny_cfg(extra=extra), "rsna")
-    assert victim.stem not in set(data.manifest["sample_id"])
-    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+    split = data.manifest.set_index("sample_id").loc[victim.stem, "split"]
+    rows = data.rows(split)
+    assert victim.stem not in set(rows["sample_id"]) and len(rows) == (data.manifest["split"] == split).sum() - 1
+    assert data.skipped == {f"{split}.txt": 1}
+    assert f"skipped 1 unreadable image(s) in rsna {split}; first: {victim}" in capsys.readouterr().err
     with pytest.raises(UnreadableImage, match=victim.name):
-        load_dataset(tiny_cfg(extra=(*extra, "data.corrupt_images=error")), "rsna")
+        load_dataset(tiny_cfg(extra=(*extra, "data.corrupt_images=error")), "rsna").rows(split)
+
+
+def test_broken_settings_and_compressed_metadata_are_one_line_errors(tmp_path, data_home):
+    root = tmp_path / "mimic"
+    shutil.copytree(_root(data_home, "mimic-cxr"), root, ignore=shutil.ignore_patterns("files"))
+    meta = root / "mimic-cxr-2.0.0-metadata.csv.gz"
+    meta.write_bytes(meta.read_bytes()[:200])  # a download cut short
+    with pytest.raises(UserError, match="mimic-cxr-2.0.0-metadata.csv.gz: cannot be read as CSV"):
+        get_adapter("mimic-cxr")(root).read(with_reports=False)
+    with pytest.raises(UserError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
+        get_adapter("rsna")(_root(data_home, "rsna"), {"val_fraction": 1.5}).read()
+    out = bench_cli("data", "inspect", "chexpert", "--root", str(_root(data_home, "chexpert")),
+                    "--set", "frontal_only=[oops")
+    assert out.returncode == 2 and "bad dataset setting" in out.stderr and "Traceback" not in out.stderr

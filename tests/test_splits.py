@@ -56,3 +56,13 @@ def test_a_split_file_edited_by_hand_is_refused(tmp_path):
         fh.write("s99999\n")
     with pytest.raises(UserError, match="test.txt: split file changed since it was written"):
         files.rows("test")
+
+
+def test_fractions_do_not_depend_on_row_order_and_the_key_covers_labels(tmp_path):
+    manifest = _manifest()
+    files = materialise(manifest, MULTICLASS, "toy", tmp_path / "a")
+    shuffled = materialise(manifest.sample(frac=1, random_state=3), MULTICLASS, "toy", tmp_path / "b")
+    for name in ("train_1.txt", "train_10.txt"):
+        assert (files.directory / name).read_text() == (shuffled.directory / name).read_text()
+    relabelled = manifest.assign(c0=manifest["c1"], c1=manifest["c0"])
+    assert materialise(relabelled, MULTICLASS, "toy", tmp_path / "a").directory != files.directory

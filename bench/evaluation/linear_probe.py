@@ -39,8 +39,8 @@ def _fit_predict(x_train, y_train, x_eval, c: float, max_iter: int, seed: int, m
 
 def linear_probe(method: Method, data, cfg, device: torch.device, num_workers: int = 0) -> dict:
     lp, task = cfg.eval.linear_probe, data.task
-    parts = {"train": data.splits.rows("train", float(lp.fraction)), "val": data.splits.rows("val"),
-             "test": data.splits.rows("test")}
+    parts = {"train": data.rows("train", float(lp.fraction)), "val": data.rows("val"),
+             "test": data.rows("test")}
     for split, rows in parts.items():
         if rows.empty:
             raise UserError(f"linear probe: the {split} split of {data.name} is empty")

@@ -43,7 +43,7 @@ def zero_shot(method: Method, data, cfg, device: torch.device, num_workers: int 
     if mode not in MODES:
         raise UserError(f"eval.zero_shot.mode must be one of {', '.join(MODES)}, got {mode!r}")
     task = data.task
-    test = data.splits.rows("test")
+    test = data.rows("test")
     images = image_outputs(method, test, method.embed_image, data.preprocessor(augment=False), data.cache,
                            cfg.eval.batch_size, device, num_workers)
     pos = _class_embeddings(method, task.prompts, task.labels, device).cpu().numpy()

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from bench.errors import UserError
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 # dataset -> (folder named as the real download names it, size -> item count)
 DATASETS = {
     "mimic-cxr": ("mimic-cxr-jpg", {"tiny": 96, "small": 2000, "medium": 12000}),  # studies
     "chexpert": ("CheXpert-v1.0-small", {"tiny": 48, "small": 2000, "medium": 10000}),  # training patients
-    "rsna": ("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 800, "medium": 4000}),  # patients
-    "siim": ("siim-acr-pneumothorax", {"tiny": 80, "small": 800, "medium": 4000}),  # images
-    "covidx": ("COVIDx", {"tiny": 90, "small": 900, "medium": 4000}),  # images
-    "nih": ("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000}),  # images
+    "rsna": ("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 1500, "medium": 6000}),  # patients
+    "siim": ("siim-acr-pneumothorax", {"tiny": 80, "small": 1500, "medium": 6000}),  # images
+    "covidx": ("COVIDx", {"tiny": 90, "small": 900, "medium": 4000}),  # patients, a quarter with two images
+    "nih": ("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000}),  # patients, one to three images each
 }
 SIZES = ("tiny", "small", "medium")
 MARKER = "synthetic.json"
@@ -43,10 +43,10 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
         found = json.loads(marker.read_text())
         if found != params:
             raise UserError(f"{root} holds a synthetic benchmark made with {found}, not {params}; "
-                            f"choose another data.root or delete it")
+                            f"choose another data.synthetic.root or delete it")
         return root
     if root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another data.root")
+        raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another data.synthetic.root")
     writers = _writers()
     workers = workers or min(4, os.cpu_count() or 1)
     root.parent.mkdir(parents=True, exist_ok=True)

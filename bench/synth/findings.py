@@ -25,14 +25,18 @@ PREVALENCE = {
     "Emphysema": 0.05, "Fibrosis": 0.04, "Hernia": 0.03, "Infiltration": 0.08,
 }
 # findings outside the 14 CheXpert observations, and the observation the CheXpert labeler files them under
-CHEXPERT_AS = {"Infiltration": "Lung Opacity", "Fibrosis": "Pleural Other", "Emphysema": None, "Hernia": None,
-               "COVID-19": "Lung Opacity"}
+# (None: none of the 14, but still not "No Finding"); Lung Opacity is derived below
+CHEXPERT_AS = {"Fibrosis": "Pleural Other", "Infiltration": None, "COVID-19": None, "Emphysema": None,
+               "Hernia": None}
 NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 NIH_FROM = {"Effusion": "Pleural Effusion", "Pleural_Thickening": "Pleural Other", "Mass": "Lung Lesion",
             "Nodule": "Lung Lesion"}
 COVIDX_CLASSES = ["normal", "pneumonia", "COVID-19"]
-OPACITIES = ("Consolidation", "Pneumonia", "Edema", "Atelectasis", "Lung Lesion")
+# Lung Opacity as the labeler reads the report (its phrases: "opaci", "infiltrat", ...: only these findings'
+# sentences use them) and as radiologists read the image (every parenchymal opacity)
+OPACITY_MENTIONED = ("Pneumonia", "Infiltration", "Fibrosis", "COVID-19")
+OPACITY_SEEN = (*OPACITY_MENTIONED, "Consolidation", "Edema", "Atelectasis", "Lung Lesion")
 # absent findings a radiologist commonly states as negative
 ROUTINELY_NEGATED = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Edema", "Cardiomegaly")
 UNCERTAIN_SHARE = 0.15
@@ -69,7 +73,8 @@ class Patient:
                 other = True
             elif not out[name] == 1.0:
                 out[name] = value
-        opacity = [out[n] for n in (*OPACITIES, "Lung Opacity") if out[n] in (1.0, -1.0)]
+        opacity = [-1.0 if f.uncertain else 1.0 for n, f in self.findings.items()
+                   if n in (OPACITY_MENTIONED if with_mentions else OPACITY_SEEN)]
         if opacity:
             out["Lung Opacity"] = max(opacity)
         abnormal = [n for n, v in out.items() if n not in ("No Finding", "Support Devices") and v in (1.0, -1.0)]
