@@ -19,7 +19,7 @@ CHEXPERT_LABELS = [
 # finding -> prevalence in the synthetic population
 PREVALENCE = {
     "Cardiomegaly": 0.25, "Pleural Effusion": 0.25, "Consolidation": 0.15, "Pneumonia": 0.10,
-    "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.08, "Lung Lesion": 0.10,
+    "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.15, "Lung Lesion": 0.10,
     "Enlarged Cardiomediastinum": 0.08, "Support Devices": 0.20, "Fracture": 0.05, "Pleural Other": 0.05,
     # findings outside the CheXpert labels that ChestX-ray14 names
     "Emphysema": 0.05, "Fibrosis": 0.04, "Hernia": 0.03, "Infiltration": 0.08,
