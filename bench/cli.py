@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print exactly one JSON object")
     inspect.add_argument("--strict", action="store_true",
                          help="missing or unreadable images are an error (decodes every image)")
-    inspect.add_argument("--workers", type=int, default=0, help="decoding processes for --strict")
+    inspect.add_argument("--workers", type=int, default=None, help="decoding processes for --strict (default: "
+                                                                      "all cores)")
     inspect.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                          help="a dataset option, e.g. --set uncertain_policy=ones (repeatable)")
     speed = data_sub.add_parser("throughput", help="images/s with and without the preprocessed-image cache",
@@ -124,7 +125,7 @@ def _data(args: argparse.Namespace) -> None:
 
     adapter = get_adapter(args.dataset)(args.root, default_settings(args.dataset, getattr(args, "settings", [])))
     if args.data_verb == "inspect":
-        summary = summarise(adapter, args.strict, args.workers)
+        summary = summarise(adapter, args.strict, args.workers or os.cpu_count() or 1)
         task = adapter.task
         print(json.dumps(summary) if args.json else render(summary, task.kind, task.metric))
         return

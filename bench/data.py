@@ -54,7 +54,8 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str | None, str]:
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.preprocess.augment else None
-        return self.preprocess(self.cache.get(self.paths[i]), rng), None if self.texts is None else self.texts[i], self.ids[i]
+        text = None if self.texts is None else self.texts[i]
+        return self.preprocess(self.cache.get(self.paths[i]), rng), text, self.ids[i]
 
 
 def collate_fn(tokenizer: Tokenizer | None) -> Callable[[list], Batch]:

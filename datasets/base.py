@@ -161,9 +161,3 @@ def label_values(df: pd.DataFrame, columns: list[str], path: Path, allowed: tupl
 
 def count_uncertain(raw: pd.DataFrame) -> dict[str, int]:
     return {str(c): int((raw[c] == -1.0).sum()) for c in raw.columns}
-
-
-def missing_images(paths: Iterable[str]) -> int:
-    import os
-
-    return sum(not os.path.exists(p) for p in paths)
