@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from bench.errors import UserError
 
 MANIFEST_COLUMNS = ["sample_id", "patient_id", "image_path", "split"]
-METRICS = ("auc", "acc")
 
 
 @dataclass(frozen=True)
