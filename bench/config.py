@@ -53,12 +53,13 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
     methods = method_names()
     if method not in methods:
         raise UserError(f"unknown method {method!r}; valid methods: {', '.join(methods)}")
-    ablations = ablation_names(method)
-    if ablation not in ablations:
-        raise UserError(f"unknown ablation {ablation!r} for method {method!r}; valid ablations: {', '.join(ablations)}")
     items = [f"method={method}"]
-    if ablation != NO_ABLATION:
-        items.append(f"+ablation/{method}={ablation}")
+    ablations = ablation_names(method)
+    if ablation in ablations:
+        if ablation != NO_ABLATION:
+            items.append(f"+ablation/{method}={ablation}")
+    else:
+        items.append(_parametric_ablation(method, ablation, ablations))
     if seed is not None:
         items.append(f"seed={seed}")
     user = list(overrides)
@@ -80,6 +81,30 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
     if missing:
         raise UserError(f"required setting(s) not given: {', '.join(missing)} (add e.g. {missing[0]}=/path)")
     return cfg
+
+
+def ablation_parameters(method: str) -> dict[str, str]:
+    """The method's one-switch ablations: `NAME-VALUE` sets `method.<key>` to VALUE (its config's
+    `ablation_parameters`, e.g. attmim-share -> image_masking.attention_share)."""
+    compose, ctx = _hydra()
+    with ctx:
+        cfg = compose(config_name="config", overrides=[f"method={method}"])
+    return dict(cfg.method.get("ablation_parameters") or {})
+
+
+def _parametric_ablation(method: str, ablation: str, named: list[str]) -> str:
+    """The override an ablation like `attmim-share-0.5` stands for."""
+    params = ablation_parameters(method)
+    for prefix in sorted(params, key=len, reverse=True):
+        value = ablation[len(prefix) + 1:] if ablation.startswith(prefix + "-") else ""
+        try:
+            float(value)
+        except ValueError:
+            continue
+        return f"method.{params[prefix]}={value}"
+    patterns = [f"{p}-<number>" for p in params]
+    raise UserError(f"unknown ablation {ablation!r} for method {method!r}; valid ablations: "
+                    f"{', '.join(named + patterns)}")
 
 
 def _valid_options_hint(message: str) -> str:
@@ -133,12 +158,28 @@ def dataset_identity(cfg: DictConfig, name: str) -> dict:
     return out
 
 
+def corpus_sources(cfg: DictConfig) -> dict[str, list[str]]:
+    """The pretraining sources this method reads, by kind: always the paired ones; the image-only and
+    text-only ones only for a method with `unpaired: true`."""
+    corpus = cfg.data.corpus
+    sources = {"paired": list(corpus.paired)}
+    if not sources["paired"]:
+        raise UserError("data.corpus.paired is empty: pretraining needs at least one paired image-report source")
+    if cfg.method.get("unpaired", False):
+        sources.update(image_only=list(corpus.image_only), text_only=list(corpus.text_only))
+    return sources
+
+
 def pretrain_hash(cfg: DictConfig) -> str:
     """What decides a pretrained checkpoint except its seed: runs that differ only in seed share it, and
-    tables aggregate seeds within it. Of `data`, only the pretraining corpus counts."""
+    tables aggregate seeds within it. Of `data`, only the corpus sources the method reads count."""
     plain = to_plain(cfg)
     kept = {k: v for k, v in plain.items() if k not in (*NON_SEMANTIC, "seed", "eval", "data")}
-    return stable_hash({**kept, "data": dataset_identity(cfg, cfg.data.pretrain)})
+    sources = corpus_sources(cfg)
+    data = {kind: [dataset_identity(cfg, name) for name in names] for kind, names in sources.items()}
+    if len(sources) > 1:
+        data["mix"] = to_plain(cfg.data.corpus.mix)
+    return stable_hash({**kept, "data": data})
 
 
 def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:

@@ -1,16 +1,14 @@
 """Preprocessing of cached image squares, and the torch datasets and samplers the trainer and evaluators share."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from bench.errors import UserError
 from bench.images import ImageCache
 from bench.method import Batch
-from bench.towers import Tokenizer
 
 
 class ImagePreprocessor:
@@ -58,35 +56,6 @@ class ImageTextDataset(Dataset):
         return self.preprocess(self.cache.get(self.paths[i]), rng), text, self.ids[i]
 
 
-def collate_fn(tokenizer: Tokenizer | None) -> Callable[[list], Batch]:
-    def collate(items: list) -> Batch:
-        images = torch.stack([it[0] for it in items])
-        texts = [it[1] for it in items]
-        text = tokenizer(texts) if tokenizer is not None and texts[0] is not None else None
-        return Batch(images, text, [it[2] for it in items])
-
-    return collate
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled batches whose order depends only on (seed, epoch); `skip` resumes mid-epoch exactly."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = True):
-        if n < batch_size and drop_last:
-            raise UserError(f"the training set has {n} samples, fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def batches(self) -> list[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        full = self.n // self.batch_size * self.batch_size if self.drop_last else self.n
-        return [order[i:i + self.batch_size].tolist() for i in range(0, full, self.batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches()[self.skip:])
-
-    def __len__(self) -> int:
-        return (self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)) - self.skip
+def collate_images(items: list) -> Batch:
+    """(image, text, id) items -> a Batch of images only (what evaluators feed the image encoder)."""
+    return Batch(torch.stack([it[0] for it in items]), None, [it[2] for it in items])

@@ -12,18 +12,42 @@ from bench.towers import TextBatch, Tokenizer
 
 @dataclass
 class Batch:
-    """One training batch. `images` and `text` are aligned pairs; either may be None for unpaired data."""
+    """One training batch (see bench/corpus.py). Rows with an image are in `images`, rows with text in `text`;
+    `image_text[i]` is the text row of image i, -1 when it has none (None: images and texts are aligned
+    pairs). `text_groups` marks texts that are the same caption (equal ids are positives for each other).
+    Masked modelling adds `masked_text`, the same rows with hidden pieces replaced by [MASK], and
+    `mlm_labels`, the hidden pieces' ids (-100 elsewhere)."""
 
     images: torch.Tensor | None
     text: TextBatch | None
     sample_ids: list[str] = field(default_factory=list)
+    image_text: torch.Tensor | None = None
+    text_groups: torch.Tensor | None = None
+    masked_text: TextBatch | None = None
+    mlm_labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(
-            None if self.images is None else self.images.to(device, non_blocking=non_blocking),
-            None if self.text is None else self.text.to(device, non_blocking=non_blocking),
-            self.sample_ids,
-        )
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
+                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels))
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image rows, their text rows) of the samples that have both."""
+        if self.image_text is None:
+            rows = torch.arange(len(self.text), device=self.text.input_ids.device)
+            return rows, rows
+        has = self.image_text >= 0
+        return has.nonzero().squeeze(1), self.image_text[has]
+
+    def text_image(self) -> torch.Tensor:
+        """For each text row, its image row (-1: a text-only sample)."""
+        n = len(self.text)
+        out = torch.full((n,), -1, dtype=torch.long, device=self.text.input_ids.device)
+        images, texts = self.pairs()
+        out[texts] = images
+        return out
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -43,6 +67,7 @@ class Method(nn.Module):
     """
 
     name: str = ""
+    joint_space: bool = True  # False: no image-text embedding space, so no zero-shot evaluation
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -63,6 +88,16 @@ class Method(nn.Module):
     def embed_text(self, text: TextBatch) -> torch.Tensor:
         """L2-normalised text embedding in the joint space (zero-shot)."""
         raise NotImplementedError
+
+    def prepare(self, corpus) -> None:
+        """Called once with the pretraining corpus (bench/corpus.py) before training starts; for what a method
+        derives from its data, such as an output vocabulary. Anything it sets must live in the state dict."""
+
+    def make_collate(self):
+        """Corpus items -> Batch (bench/corpus.py); methods that mask text pass a TextMasker."""
+        from bench.corpus import CorpusCollate
+
+        return CorpusCollate(self.tokenizer)
 
     def no_weight_decay(self) -> set[str]:
         """Names of extra parameters that must not be decayed (norms and biases are excluded anyway)."""

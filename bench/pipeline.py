@@ -3,24 +3,30 @@ records. Each link skips what is already finished, so re-running the same comman
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import config_hash, dataset_settings, eval_hash, pretrain_hash, stable_hash, to_plain
-from bench.data import ImagePreprocessor, ImageTextDataset, collate_fn
+from bench.config import (config_hash, corpus_sources, dataset_settings, eval_hash, pretrain_hash, stable_hash,
+                          to_plain)
+from bench.corpus import MixedBatchSampler, Pool, PretrainCorpus, batch_composition, corpus_summary
+from bench.data import ImagePreprocessor
 from bench.datasets import Task, get_adapter
 from bench.errors import UserError
 from bench.evaluation import PROTOCOLS
 from bench.images import ImageCache, usable
 from bench.io import atomic_write_text
 from bench.method import Method
+from bench.prompts import check_templates, label_prompt
 from bench.provenance import device_info, git_state, library_versions
 from bench.registry import get_method
 from bench.results import RecordKey, ResultsStore
@@ -30,7 +36,7 @@ from bench.trainer import Trainer, resolve_device, seed_everything
 RANDOM_INIT = "random-init"
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -93,6 +99,60 @@ def build_method(cfg: DictConfig, seed: int) -> Method:
     return get_method(cfg.method.name)(cfg)
 
 
+def _labelled_images(cfg: DictConfig, name: str, cache: ImageCache, workers: int) -> tuple[pd.DataFrame, list[str]]:
+    """The readable training images of a labelled dataset with label values as written (uncertain -1 and
+    blank kept where the adapter has an uncertainty policy), for prompts."""
+    settings = to_plain(dataset_settings(cfg, name))
+    if "uncertain_policy" in settings:
+        settings["uncertain_policy"] = "keep"
+    adapter = get_adapter(name)(dataset_root(cfg, name), OmegaConf.create(settings))
+    manifest = adapter.read(with_reports=False)
+    train = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    if train.empty:
+        raise UserError(f"{name}: no training images under {adapter.root} for the image-only corpus")
+    ok = usable(cache, train["image_path"], cfg.data.corrupt_images, f"{name} train (image-only)", workers)
+    return train[ok].reset_index(drop=True), adapter.task.labels
+
+
+def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatchSampler, dict]:
+    """The pretraining corpus of the method's sources (data.corpus), its batch sampler, and a summary."""
+    image = cfg.model.image
+    cache = ImageCache(cfg.data.cache_dir, int(image.image_size))
+    workers = int(cfg.runtime.get("decode_workers") or os.cpu_count() or 1)
+    pools: dict[str, Pool] = {}
+    for kind, names in corpus_sources(cfg).items():
+        parts = []
+        for name in names:
+            if kind == "image_only":
+                rows, labels = _labelled_images(cfg, name, cache, workers)
+                parts.append((name, rows, rows[labels]))
+                continue
+            data = load_dataset(cfg, name, with_reports=True)
+            if "report" not in data.manifest.columns:
+                raise UserError(f"{name} has no reports, so it cannot be a {kind} source of data.corpus")
+            # a text-only source's images are never read, so they are not decoded either
+            rows = data.rows("train") if kind == "paired" else data.splits.rows("train")
+            parts.append((name, rows, None))
+        if not parts:
+            continue
+        ids = [f"{name}:{i}" for name, rows, _ in parts for i in rows["sample_id"]]
+        pools[kind] = Pool(
+            kind, [name for name, _, _ in parts], ids,
+            paths=None if kind == "text_only" else [p for _, rows, _ in parts for p in rows["image_path"]],
+            texts=None if kind == "image_only" else [t for _, rows, _ in parts for t in rows["report"]],
+            labels=pd.concat([lab for _, _, lab in parts], ignore_index=True) if kind == "image_only" else None)
+    prompt = None
+    if cfg.method.get("prompts", {}).get("enabled", False):
+        p = cfg.method.prompts
+        prompt = partial(label_prompt, templates=check_templates(p.templates), names=to_plain(p.names),
+                         negatives=bool(p.negatives))
+    preprocess = ImagePreprocessor(image.image_size, image.mean, image.std, True, image.get("channels", 3))
+    corpus = PretrainCorpus(pools, preprocess, cache, seed, prompt)
+    per_batch = batch_composition(int(cfg.trainer.batch_size), to_plain(cfg.data.corpus.mix), corpus.sizes)
+    sampler = MixedBatchSampler(corpus.sizes, per_batch, seed)
+    return corpus, sampler, corpus_summary(corpus.pools, per_batch)
+
+
 def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tuple[Method, Path]:
     phash = pretrain_hash(cfg)
     run_dir = store.run_dir(cfg.method.name, cfg.ablation, phash, cfg.seed)
@@ -101,12 +161,11 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tupl
     method = build_method(cfg, cfg.seed)
     final = run_dir / "final.pt"
     if not final.exists():
-        data = load_dataset(cfg, cfg.data.pretrain, with_reports=True)
-        train = data.rows("train")
-        dataset = ImageTextDataset(train["image_path"], train["report"], train["sample_id"],
-                                   data.preprocessor(augment=True), data.cache, cfg.seed)
+        corpus, sampler, summary = build_corpus(cfg, cfg.seed)
+        atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
+        method.prepare(corpus)
         trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress, cfg.runtime.num_workers)
-        trainer.fit(method, dataset, collate_fn(method.tokenizer), cfg.seed)
+        trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
     return method.to(device), final
 
@@ -128,10 +187,14 @@ def evaluate(cfg: DictConfig, method: Method, identity: tuple[str, str, str], ch
         raise UserError(f"unknown protocol(s) {', '.join(unknown)}; valid protocols: {', '.join(PROTOCOLS)}")
     written = []
     ckpt = {"path": str(checkpoint), "sha256": _sha256(checkpoint)} if checkpoint else None
+    protocols = list(cfg.eval.protocols)
+    if "zero-shot" in protocols and not method.joint_space:
+        print(f"bench: {cfg.method.name} has no joint image-text space; zero-shot is not evaluated", file=sys.stderr)
+        protocols.remove("zero-shot")
     for dataset in cfg.eval.datasets:
         get_adapter(dataset)
         data = None
-        for protocol in cfg.eval.protocols:
+        for protocol in protocols:
             fraction = float(cfg.eval.linear_probe.fraction) if protocol == "linear-probe" else 1.0
             key = RecordKey(name, ablation, phash, int(cfg.seed), dataset, protocol, fraction,
                             int(cfg.eval.seed), eval_hash(cfg, protocol, dataset))
@@ -161,7 +224,7 @@ def evaluate(cfg: DictConfig, method: Method, identity: tuple[str, str, str], ch
 
 def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
     """Pretrain (or resume, or reuse) and evaluate; also evaluate the same architecture untrained."""
-    _quiet_libraries()
+    quiet_libraries()
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
     device = resolve_device(cfg.runtime.device)

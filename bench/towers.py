@@ -58,8 +58,22 @@ class VisionTower(nn.Module):
         self.image_size = self.vit.image_size[0] if isinstance(self.vit.image_size, tuple) else self.vit.image_size
         self.patch_size = self.vit.conv1.kernel_size[0]
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vit(images)
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled, patch tokens). With `keep` ([B, n] patch indices) the transformer sees only those patches
+        plus the class token, MAE-style, and the tokens returned are theirs, in `keep`'s order."""
+        if keep is None:
+            return self.vit(images)
+        vit = self.vit
+        x = vit.conv1(images).flatten(2).transpose(1, 2)
+        pos = vit.positional_embedding.to(x.dtype)
+        x = torch.gather(x + pos[1:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (vit.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+        x = vit.transformer(vit.ln_pre(torch.cat([cls, x], dim=1)))
+        return vit._pool(x)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from bench.data import EpochBatchSampler, ImageTextDataset
+from bench.corpus import MixedBatchSampler, PretrainCorpus
 from bench.errors import TrainingDiverged, UserError
 from bench.io import atomic_torch_save
 from bench.method import Method
@@ -90,7 +90,7 @@ class Trainer:
         self.progress, self.num_workers = progress, num_workers
         self.dtype = autocast_dtype(cfg.precision, device)
 
-    def fit(self, method: Method, dataset: ImageTextDataset, collate, seed: int) -> Path:
+    def fit(self, method: Method, dataset: PretrainCorpus, collate, sampler: MixedBatchSampler, seed: int) -> Path:
         """Train until the configured end, resuming from `run_dir/checkpoint.pt` when present.
         Returns the path of the final weights."""
         cfg = self.cfg
@@ -98,11 +98,10 @@ class Trainer:
         if final.exists():
             return final
         method.to(self.device)
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed)
         steps_per_epoch = len(sampler.batches()) // cfg.accumulate
         if steps_per_epoch == 0:
-            raise UserError(f"an epoch of {len(dataset)} samples is shorter than one optimiser step "
-                            f"(batch_size={cfg.batch_size} x accumulate={cfg.accumulate})")
+            raise UserError(f"an epoch of {len(sampler.batches())} batches is shorter than one optimiser step "
+                            f"(accumulate={cfg.accumulate})")
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, int(cfg.max_steps))

@@ -14,7 +14,8 @@ Splits (documented rule):
 - `train`: the remaining training patients.
 Frontal views only by default (`frontal_only`). Uncertain labels (-1) follow `uncertain_policy`: `zeros`
 (U-Zeros), `ones` (U-Ones) or `gloria` (GLoRIA/MGCA per-class mapping, the default). Blank (not mentioned)
-counts as negative under every policy.
+counts as negative under each of these; `keep` leaves 1/0/-1 and blank as NaN, for the prompts of image-only
+pretraining samples (bench/prompts.py), never for evaluation.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ ALL_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung 
               "Fracture", "Support Devices"]
 GLORIA_UNCERTAIN = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0,
                     "Pleural Effusion": 1.0}
-POLICIES = ("zeros", "ones", "gloria")
+POLICIES = ("zeros", "ones", "gloria", "keep")  # keep: 1/0/-1 and NaN for blank, for prompts of image-only
+                                                #   pretraining samples; evaluation needs 0/1 labels
 FIVE_BY_200_ZERO = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax",
                     "Pleural Other", "Fracture", "Support Devices"]
 FIVE_BY_200 = "5x200"
@@ -42,6 +44,8 @@ FIVE_BY_200 = "5x200"
 def apply_uncertain_policy(labels: pd.DataFrame, policy: str) -> pd.DataFrame:
     if policy not in POLICIES:
         raise UserError(f"unknown uncertain_policy {policy!r}; valid: {', '.join(POLICIES)}")
+    if policy == "keep":
+        return labels.astype(float)
     out = labels.fillna(0.0).astype(float)
     for col in out.columns:
         value = {"zeros": 0.0, "ones": 1.0}.get(policy, GLORIA_UNCERTAIN.get(col, 0.0))

@@ -38,3 +38,18 @@ def test_gradients_reach_both_towers_and_the_temperature():
     scale = torch.tensor(3.0, requires_grad=True)
     clip_loss(img, txt, scale).backward()
     assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0 and scale.grad is not None
+
+
+def test_equal_captions_are_positives_for_each_other():
+    """Rows 0 and 1 share a caption (group 7): the target spreads over both, which the loss matches when
+    written out; all -1 is plain InfoNCE."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    groups = torch.tensor([7, 7, -1, -1])
+    logits = 5.0 * img @ txt.T
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    expected = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean())
+    assert abs(float(clip_loss(img, txt, torch.tensor(5.0), groups)) - float(expected)) < 1e-5
+    plain = clip_loss(img, txt, torch.tensor(5.0))
+    assert float(clip_loss(img, txt, torch.tensor(5.0), torch.full((4,), -1))) == float(plain)

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from bench.data import ImagePreprocessor, ImageTextDataset, collate_fn
+from bench.data import ImagePreprocessor, ImageTextDataset, collate_images
 from bench.datasets.base import Task
 from bench.images import ImageCache
 from bench.method import Method
@@ -22,7 +22,7 @@ def image_outputs(method: Method, rows: pd.DataFrame, fn: Callable[[torch.Tensor
     method.eval()
     dataset = ImageTextDataset(rows["image_path"], None, rows["sample_id"], preprocess, cache)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                        collate_fn=collate_fn(None), num_workers=num_workers)
+                        collate_fn=collate_images, num_workers=num_workers)
     chunks = [fn(batch.images.to(device)).float().cpu().numpy() for batch in loader]
     out = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     assert len(out) == len(rows), "every sample must be evaluated exactly once"
