@@ -14,6 +14,10 @@ EPILOG = """examples:
   bench table --metric auc
   bench data synth --size tiny --out /tmp/synthetic
   bench data inspect chexpert --root /data/CheXpert-v1.0-small --json --set uncertain_policy=ones
+  bench run --method mmclip --ablation no-attmim
+  bench run --method mmclip --ablation attmim-share-0.5
+  bench mask --report "Small right pleural effusion. No pneumothorax." --json
+  bench step-time --methods clip,mmclip
   bench list
 """
 
@@ -79,6 +83,32 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--limit", type=int, default=500, help="images to time (default 500)")
     speed.add_argument("--cache-dir", default=None, help="where to put the timed cache (default: a temp dir)")
 
+    mask = sub.add_parser("mask", help="show what AttMIM and EntMLM hide for an image and a report",
+                          description="Print REPORT with the EntMLM-masked words in [brackets] and its tagged "
+                                      "entities; with an image, also write a PNG of the image, its AttMIM "
+                                      "score heat map and the chosen mask.",
+                          epilog="Without --checkpoint the scores come from an untrained model of --method.")
+    mask.add_argument("--report", default=None, help="report text (or --report-file; default: the sample's report)")
+    mask.add_argument("--report-file", default=None, help="file holding the report text")
+    mask.add_argument("--image", default=None, help="image file (DICOM, JPG, PNG)")
+    mask.add_argument("--dataset", default=None, help="take the image (and report) of --sample from this dataset")
+    mask.add_argument("--sample", default=None, help="sample id in --dataset (see its split files)")
+    mask.add_argument("--checkpoint", default=None, help="a run folder or its final.pt/checkpoint.pt")
+    mask.add_argument("--method", default="mmclip", help="method whose switches to use without --checkpoint")
+    mask.add_argument("--ablation", default="none")
+    mask.add_argument("--out", default="mask.png", help="PNG to write (default: mask.png)")
+    mask.add_argument("--seed", type=int, default=0, help="seed of the random parts of the masks")
+    mask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    mask.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (without --checkpoint)")
+
+    step = sub.add_parser("step-time", help="time one training step of several methods on the same data",
+                          description="Median ms per training step (forward, backward, AdamW) of each "
+                                      "METHOD[:ABLATION] on real corpus batches, and the ratio to the first.")
+    step.add_argument("--methods", default="clip,mmclip", help="comma-separated METHOD[:ABLATION] (default: "
+                                                               "clip,mmclip)")
+    step.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
+    step.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. model=base")
+
     sub.add_parser("list", help="registered methods and their ablations, datasets, protocols",
                    description="Print the registered methods with their ablations, the datasets and the protocols.")
     return p
@@ -139,15 +169,79 @@ def _data(args: argparse.Namespace) -> None:
           f"from the cache {rates['cache_read']:.0f} ({rates['speedup']:.1f}x)")
 
 
+def _mask(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from bench.config import compose_config
+    from bench.mask_view import image_view, render_text, text_view
+    from bench.pipeline import build_method, load_dataset
+
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        run_dir = path if path.is_dir() else path.parent
+        weights = path if path.is_file() else next((run_dir / n for n in ("final.pt", "checkpoint.pt")
+                                                    if (run_dir / n).exists()), None)
+        if not (run_dir / "config.yaml").exists() or weights is None:
+            raise UserError(f"{args.checkpoint}: not a run folder (needs config.yaml and final.pt or checkpoint.pt)")
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    else:
+        cfg = compose_config(args.method, args.ablation, None, args.overrides)
+    if "text_masking" not in cfg.method:
+        raise UserError(f"method {cfg.method.name} does not mask (no method.text_masking); try --method mmclip")
+    report, image = args.report, args.image
+    if args.report_file:
+        report = Path(args.report_file).read_text()
+    if args.dataset:
+        if not args.sample:
+            raise UserError("--dataset needs --sample ID")
+        data = load_dataset(cfg, args.dataset, with_reports=True)
+        row = data.manifest[data.manifest["sample_id"] == args.sample]
+        if row.empty:
+            raise UserError(f"{args.dataset} has no sample {args.sample!r}")
+        image = row["image_path"].iloc[0]
+        if report is None and "report" in row:
+            report = row["report"].iloc[0]
+    if not report:
+        raise UserError("no report: give --report, --report-file, or a --dataset sample that has one")
+    method = build_method(cfg, 0)
+    if args.checkpoint:
+        method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["model"])
+    view = text_view(cfg.method.text_masking, method.tokenizer, report, args.seed)
+    if image is not None:
+        view.update(image_view(method, cfg, image, report, Path(args.out), args.seed))
+    if args.json:
+        print(json.dumps(view))
+        return
+    print(render_text(view))
+    if image is not None:
+        print(f"{view['masked_patches']} of {view['patches']} patches hidden "
+              f"({'by AttMIM score' if view['scored'] else 'at random: no scores'}); wrote {view['png']}")
+
+
+def _step_time(args: argparse.Namespace) -> None:
+    from bench.pipeline import quiet_libraries
+    from bench.step_time import render, step_times
+
+    quiet_libraries()
+    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    overrides = ["runtime.progress=false", *args.overrides]
+    print(render(step_times(specs, overrides, args.steps)))
+
+
 def _list() -> None:
-    from bench.config import ablation_names
+    from bench.config import ablation_names, ablation_parameters
     from bench.datasets import adapter_names, get_adapter
     from bench.evaluation import PROTOCOLS
     from bench.registry import method_names
 
     print("methods (ablations):")
     for m in method_names():
-        print(f"  {m}: {', '.join(ablation_names(m))}")
+        patterns = [f"{prefix}-<X> ({key})" for prefix, key in ablation_parameters(m).items()]
+        print(f"  {m}: {', '.join(ablation_names(m) + patterns)}")
     print("datasets:")
     for d in adapter_names():
         adapter = get_adapter(d)
@@ -170,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             _table(args)
         elif args.verb == "data":
             _data(args)
+        elif args.verb == "mask":
+            _mask(args)
+        elif args.verb == "step-time":
+            _step_time(args)
         elif args.verb == "list":
             _list()
     except UserError as exc:

@@ -1,0 +1,202 @@
+import json
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.config import ablation_names, compose_config, to_plain
+from bench.pipeline import build_corpus, build_method, evaluate, pretrain
+from bench.results import ResultsStore
+from bench.towers import TextBatch
+
+# text-only rows too, so one batch holds every kind of sample
+ALL_KINDS = ("data.corpus.text_only=[mimic-cxr]",)
+
+EXPECTED_LOSSES = {
+    ("clip", "none"): {"itc"}, ("clip", "fixed-temperature"): {"itc"}, ("clip", "frozen-text"): {"itc"},
+    ("mmclip", "none"): {"itc", "mim", "mlm"}, ("mmclip", "no-attmim"): {"itc", "mlm"},
+    ("mmclip", "random-mask"): {"itc", "mim", "mlm"}, ("mmclip", "paired-only"): {"itc", "mim", "mlm"},
+    ("mmclip", "no-entmlm"): {"itc", "mim"}, ("mmclip", "no-prompts"): {"itc", "mim", "mlm"},
+    ("mmclip", "attmim-share-0.5"): {"itc", "mim", "mlm"}, ("mrm", "none"): {"mim", "mlm"},
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _first_batch(cfg, method):
+    corpus, sampler, summary = build_corpus(cfg, 0)
+    return method.make_collate()([corpus[i] for i in sampler.batches()[0]]), summary
+
+
+def test_every_method_and_ablation_is_covered(tiny_cfg):
+    from bench.registry import method_names
+
+    named = {(m, a) for m in method_names() for a in ablation_names(m)}
+    assert named <= set(EXPECTED_LOSSES)
+
+
+@pytest.mark.parametrize("method_name,ablation", sorted(EXPECTED_LOSSES))
+def test_one_step_trains_exactly_the_claimed_losses_and_every_parameter(tiny_cfg, method_name, ablation):
+    cfg = tiny_cfg(method_name, ablation, extra=ALL_KINDS)
+    method = build_method(cfg, 0)
+    batch, summary = _first_batch(cfg, method)
+    method.train()
+    out = method.training_step(batch)
+    assert torch.isfinite(out.loss)
+    losses = {k for k in out.parts if k in ("itc", "mim", "mlm")}
+    assert losses == EXPECTED_LOSSES[(method_name, ablation)]
+    assert all(float(out.parts[k]) > 0 for k in losses)
+    out.loss.backward()
+
+    uses_unpaired = bool(cfg.method.get("unpaired", False))
+    assert set(summary) == ({"paired", "image_only", "text_only"} if uses_unpaired else {"paired"})
+    has_text = batch.image_text >= 0
+    if uses_unpaired and not cfg.method.prompts.enabled:
+        assert (~has_text).sum() == summary["image_only"]["per_batch"]  # image-only rows carry no text
+    elif uses_unpaired:
+        assert has_text.all()
+    text_only_rows = int((batch.text_image() < 0).sum()) if batch.text is not None else 0
+    for name, p in method.named_parameters():
+        if not p.requires_grad:
+            continue
+        # the learned "nothing" token of a decoder is only attended to by rows without the other modality
+        if name == "image_decoder.memory.null" and bool(has_text.all()):
+            continue
+        if name == "text_decoder.memory.null" and text_only_rows == 0:
+            continue
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, f"{method_name}/{ablation}: {name} gets no gradient"
+
+
+def test_ablations_change_exactly_the_switches_they_claim(tiny_cfg):
+    base = to_plain(tiny_cfg("mmclip"))
+    claims = {
+        "no-attmim": {"image_masking.enabled"}, "random-mask": {"image_masking.strategy", "text_masking.strategy"},
+        "paired-only": {"unpaired", "prompts.enabled"}, "no-entmlm": {"text_masking.enabled"},
+        "no-prompts": {"prompts.enabled"}, "attmim-share-0.25": {"image_masking.attention_share"},
+    }
+    for ablation, switches in claims.items():
+        cfg = to_plain(tiny_cfg("mmclip", ablation))
+        assert cfg["ablation"] == ablation
+        assert {k: v for k, v in cfg.items() if k not in ("method", "ablation")} == \
+            {k: v for k, v in base.items() if k not in ("method", "ablation")}
+        a, b = _flat(base["method"]), _flat(cfg["method"])
+        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == switches, ablation
+    assert tiny_cfg("mmclip", "attmim-share-0.25").method.image_masking.attention_share == 0.25
+    assert tiny_cfg("mmclip", "random-mask").method.image_masking.mask_ratio == base["method"]["image_masking"]["mask_ratio"]
+
+
+def test_unknown_ablations_name_the_valid_ones(tiny_cfg):
+    from bench.errors import UserError
+
+    with pytest.raises(UserError, match="attmim-share-<number>"):
+        tiny_cfg("mmclip", "attmim-share-lots")
+    with pytest.raises(UserError, match="no-attmim"):
+        tiny_cfg("mmclip", "no-such-thing")
+
+
+def test_mrm_is_masked_modelling_without_contrast_on_paired_data(tiny_cfg):
+    cfg = tiny_cfg("mrm")
+    m = cfg.method
+    assert not m.contrastive and not m.unpaired and m.image_masking.strategy == "random"
+    assert m.text_masking.strategy == "random"
+    method = build_method(cfg, 0)
+    assert not method.joint_space and not hasattr(method, "image_proj")
+
+
+def test_attention_scores_follow_the_text(tiny_cfg):
+    """A patch whose projected feature points where the report's word-pieces point gets the top score;
+    cross-attention scores are a distribution over patches and ignore padding."""
+    method = build_method(tiny_cfg("mmclip"), 0).eval()
+    text = method.tokenizer(["small right pleural effusion"])
+    with torch.no_grad():
+        pooled, tokens = method.text_tower(text)
+        words = method.text_proj(tokens[0, 1:text.attention_mask.sum() - 1]).mean(0)
+        patches = 0.01 * torch.randn(1, method.image_tower.num_patches, method.image_tower.width)
+        patches[0, 5] = torch.linalg.pinv(method.image_proj.weight) @ (words / words.norm() * 20)
+        for source in ("cross-attention", "global"):
+            method.cfg.method.image_masking.attention_source = source
+            scores = method.patch_scores(patches, tokens, text, pooled)
+            assert int(scores[0].argmax()) == 5, source
+        method.cfg.method.image_masking.attention_source = "cross-attention"
+        scores = method.patch_scores(patches, tokens, text, pooled)
+        assert float(scores.sum()) == pytest.approx(1.0, abs=1e-5)
+        longer = TextBatch(torch.cat([text.input_ids, torch.zeros(1, 5, dtype=torch.long)], 1),
+                           torch.cat([text.attention_mask, torch.zeros(1, 5, dtype=torch.long)], 1))
+        pooled2, tokens2 = method.text_tower(longer)
+        again = method.patch_scores(patches, tokens2, longer, pooled2)
+        assert torch.allclose(scores, again, atol=1e-5)
+
+
+def test_mmclip_run_logs_its_losses_and_corpus_and_is_deterministic(tiny_cfg, tmp_path):
+    finals = []
+    for name in ("a", "b"):
+        cfg = tiny_cfg("mmclip", extra=("trainer.max_steps=2", f"results_dir={tmp_path / name}"))
+        _, final = pretrain(cfg, ResultsStore(cfg.results_dir), torch.device("cpu"))
+        finals.append(torch.load(final, weights_only=False)["model"])
+    rows = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"itc", "mim", "mlm", "masked_patches", "masked_tokens"} <= set(rows[0])
+    corpus = json.loads((final.parent / "corpus.json").read_text())
+    assert corpus["paired"]["sources"] == ["mimic-cxr"] and corpus["image_only"]["sources"] == ["chexpert"]
+    assert corpus["paired"]["per_batch"] + corpus["image_only"]["per_batch"] == 16
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def test_a_method_without_a_joint_space_skips_zero_shot(tiny_cfg):
+    cfg = tiny_cfg("mrm", extra=("trainer.max_steps=1", "eval.datasets=[rsna]",
+                                 "eval.protocols=[zero-shot,linear-probe]"))
+    store = ResultsStore(cfg.results_dir)
+    method, final = pretrain(cfg, store, torch.device("cpu"))
+    written = evaluate(cfg, method, ("mrm", "none", "h"), final, store, torch.device("cpu"))
+    assert [r["protocol"] for r in store.records()] == ["linear-probe"] and len(written) == 1
+
+
+def test_bench_mask_json_for_a_report(data_home, capsys):
+    report = "Loculated right pleural effusion with basilar atelectasis. No pneumothorax."
+    assert main(["mask", "--report", report, "--json", "data.synthetic.size=tiny"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["words"] == report.split()
+    assert len(view["masked"]) == len(view["words"]) and any(view["masked"])
+    assert all(0 <= s < e <= len(view["words"]) and t in ("finding", "anatomy", "laterality", "modifier")
+               for s, e, t in view["entities"])
+    found = {" ".join(view["words"][s:e]).strip("."): t for s, e, t in view["entities"]}
+    assert found.get("effusion") == "finding" and found.get("right") == "laterality"
+    negated = [n for (s, e, t), n in zip(view["entities"], view["negated"]) if "pneumothorax" in view["words"][s]]
+    assert negated == [True]
+
+
+def test_bench_mask_png_for_a_dataset_sample(data_home, tmp_path, tiny_cfg, capsys):
+    from PIL import Image
+
+    from bench.pipeline import load_dataset
+
+    cfg = tiny_cfg("mmclip")
+    sample = load_dataset(cfg, "mimic-cxr", with_reports=True).manifest["sample_id"].iloc[0]
+    png = tmp_path / "mask.png"
+    assert main(["mask", "--dataset", "mimic-cxr", "--sample", str(sample), "--out", str(png), "--json",
+                 "data.synthetic.size=tiny"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["scored"] and view["masked_patches"] == 48 and view["patches"] == 64
+    with Image.open(png) as im:
+        assert im.size == (3 * 96 + 8, 96)
+    assert main(["mask", "--dataset", "mimic-cxr", "data.synthetic.size=tiny"]) == 2  # no --sample: one-line error
+
+
+def test_step_time_prints_a_ratio(data_home, capsys):
+    assert main(["step-time", "--methods", "clip,mmclip", "--steps", "1", "data.synthetic.size=tiny",
+                 "trainer.batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "mmclip" in out and "1.00x" in out
+
+
+def test_compose_records_the_parametric_ablation():
+    cfg = compose_config("mmclip", "mask-ratio-0.6", 0, ["data.synthetic.size=tiny"])
+    assert cfg.ablation == "mask-ratio-0.6" and cfg.method.image_masking.mask_ratio == 0.6
