@@ -89,7 +89,7 @@ def ablation_parameters(method: str) -> dict[str, str]:
     compose, ctx = _hydra()
     with ctx:
         cfg = compose(config_name="config", overrides=[f"method={method}"])
-    return dict(cfg.method.get("ablation_parameters") or {})
+    return {k: v for k, v in (cfg.method.get("ablation_parameters") or {}).items() if v}
 
 
 def _parametric_ablation(method: str, ablation: str, named: list[str]) -> str:

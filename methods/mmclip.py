@@ -1,6 +1,13 @@
 """MMCLIP: CLIP + attention-guided masked image modelling (AttMIM) + entity-guided masked language modelling
-(EntMLM) + disease-kind prompts for unpaired data (Wu et al., arXiv 2407.19546). Its code was never released;
-every gap is a switch in configs/method/mmclip.yaml and ../shared/MMCLIP.md says what is known.
+(EntMLM) + disease-kind prompts for unpaired data (Wu et al., arXiv 2407.19546, ACL 2026).
+
+The paper (its abstract and method figure; no code was released) fixes: a CLIP loss between image and text
+encoders; reconstruction of image patches masked where they respond most to the report, with multi-modal
+feature interaction; reconstruction of NER-masked report entities with visual support; disease-kind prompts
+that let image-only and text-only data join training. Everything else here is our proposal, and each
+choice is a switch in configs/method/mmclip.yaml, recorded with every result: encoders, decoder sizes, mask
+ratio and attention share, how attention is scored, the entity tagger, prompt templates, loss weights, the
+batch mix, and what ITC embeds.
 
 One step, for a batch of paired, image-only (with prompt text) and text-only rows:
 1. AttMIM: without gradient, each image's patches are scored by how strongly its text attends to them in the
@@ -67,6 +74,9 @@ class MMCLIP(Method):
                 self.image_tower.width, self.image_tower.num_patches, self.patch * self.patch, dec.width,
                 dec.layers, dec.heads, self.text_tower.width if m.image_masking.decoder_attends_text else None)
         if self.mlm:
+            if m.text_masking.vocabulary not in ("corpus", "full"):
+                raise UserError(f"method.text_masking.vocabulary must be corpus or full, got "
+                                f"{m.text_masking.vocabulary!r}")
             dec = model.text_decoder
             self.text_decoder = TextDecoder(self.text_tower.width, dec.layers, dec.heads, self.image_tower.width)
             width = self.text_tower.width

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.config import ablation_names, compose_config, to_plain
+from bench.config import ablation_names, ablation_parameters, compose_config, to_plain
 from bench.pipeline import build_corpus, build_method, evaluate, pretrain
 from bench.results import ResultsStore
 from bench.towers import TextBatch
@@ -109,6 +109,7 @@ def test_mrm_is_masked_modelling_without_contrast_on_paired_data(tiny_cfg):
     assert m.text_masking.strategy == "random"
     method = build_method(cfg, 0)
     assert not method.joint_space and not hasattr(method, "image_proj")
+    assert ablation_parameters("mrm") == {"mask-ratio": "image_masking.mask_ratio"}  # its masks are random
 
 
 def test_attention_scores_follow_the_text(tiny_cfg):
