@@ -14,9 +14,9 @@ One step, for a batch of paired, image-only (with prompt text) and text-only row
    joint space; the mask hides the top-scoring patches for `attention_share` of the mask and random ones for
    the rest. The encoder sees only the visible patches (MAE), and an image decoder that attends to the
    masked text predicts the hidden patches' (normalised) pixels.
-2. ITC: symmetric InfoNCE between the image embedding (of the visible patches, FLIP-style, or of an extra
-   pass over the whole image: `contrastive_view`) and the unmasked text, over the rows that have both;
-   equal prompts count as one caption.
+2. ITC: symmetric InfoNCE between the image embedding (of the whole image, whose pass also gives the AttMIM
+   scores, or only of the visible patches, FLIP-style: `contrastive_view`) and the unmasked text, over the
+   rows that have both; equal prompts count as one caption.
 3. EntMLM: the report with its entity word-pieces hidden goes through the text tower; a text decoder that
    attends to the visible image tokens predicts the hidden pieces. Text-only rows attend to a learned
    "no image" token.

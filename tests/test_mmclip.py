@@ -75,6 +75,16 @@ def test_one_step_trains_exactly_the_claimed_losses_and_every_parameter(tiny_cfg
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, f"{method_name}/{ablation}: {name} gets no gradient"
 
 
+def test_the_visible_view_trains_itc_on_the_masked_image(tiny_cfg):
+    cfg = tiny_cfg("mmclip", extra=("method.image_masking.contrastive_view=visible",))
+    method = build_method(cfg, 0)
+    batch, _ = _first_batch(cfg, method)
+    out = method.training_step(batch)
+    assert {"itc", "mim", "mlm"} <= set(out.parts)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in method.named_parameters() if n.startswith(("image_tower", "image_proj")))
+
+
 def test_ablations_change_exactly_the_switches_they_claim(tiny_cfg):
     base = to_plain(tiny_cfg("mmclip"))
     claims = {
