@@ -14,6 +14,16 @@ from bench.registry import register_method
 from bench.towers import TextBatch, TextTower, VisionTower
 
 
+def add_joint_space(method: Method, cfg: DictConfig) -> None:
+    """The projections of both towers into the joint space and the learnable temperature, as attributes of
+    `method` (so every method that has them names them alike in checkpoints)."""
+    m, dim = cfg.method, cfg.model.embed_dim
+    method.image_proj = nn.Linear(method.image_tower.width, dim, bias=False)
+    method.text_proj = nn.Linear(method.text_tower.width, dim, bias=False)
+    method.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.temperature)), requires_grad=m.learn_temperature)
+    method.max_logit_scale = math.log(m.max_logit_scale)
+
+
 @register_method("clip")
 class CLIP(Method):
     def __init__(self, cfg: DictConfig):
@@ -21,12 +31,7 @@ class CLIP(Method):
         m = cfg.method
         self.image_tower = VisionTower(cfg.model.image)
         self.text_tower = TextTower(cfg.model.text, self.tokenizer.vocab_size)
-        dim = cfg.model.embed_dim
-        self.image_proj = nn.Linear(self.image_tower.width, dim, bias=False)
-        self.text_proj = nn.Linear(self.text_tower.width, dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.temperature)),
-                                        requires_grad=m.learn_temperature)
-        self.max_logit_scale = math.log(m.max_logit_scale)
+        add_joint_space(self, cfg)
         if m.freeze_text:
             self.text_tower.requires_grad_(False)
 

@@ -35,6 +35,7 @@ from bench.corpus import CorpusCollate
 from bench.decoders import ImageDecoder, TextDecoder, patchify
 from bench.errors import UserError
 from bench.losses import clip_loss
+from bench.methods.clip import add_joint_space
 from bench.masking import IGNORE, TextMasker, mask_counts, select_patches
 from bench.method import Batch, Method, StepOutput
 from bench.registry import register_method
@@ -60,12 +61,7 @@ class MMCLIP(Method):
             raise UserError(f"method {m.name}: contrastive, image_masking and text_masking are all off; "
                             f"nothing would be trained")
         if self.itc:
-            dim = model.embed_dim
-            self.image_proj = nn.Linear(self.image_tower.width, dim, bias=False)
-            self.text_proj = nn.Linear(self.text_tower.width, dim, bias=False)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.temperature)),
-                                            requires_grad=m.learn_temperature)
-            self.max_logit_scale = math.log(m.max_logit_scale)
+            add_joint_space(self, cfg)
         if self.mim:
             self._check_image_masking(m.image_masking)
             dec = model.image_decoder
