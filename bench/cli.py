@@ -12,6 +12,7 @@ EPILOG = """examples:
   bench run --method clip data.mimic-cxr.root=/data/mimic-cxr-jpg/2.0.0 \\
             data.chexpert.root=/data/CheXpert-v1.0-small model=base
   bench table --metric auc
+  bench eval --checkpoint results/runs/clip-none-0123456789-seed0 --dataset rsna --protocol linear-probe
   bench data synth --size tiny --out /tmp/synthetic
   bench data inspect chexpert --root /data/CheXpert-v1.0-small --json --set uncertain_policy=ones
   bench run --method mmclip --ablation no-attmim
@@ -42,13 +43,70 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides")
 
-    table = sub.add_parser("table", help="aggregate records into a table (mean±std over seeds)",
-                           description="Rows: method/ablation; columns: dataset and protocol; cells: mean±std (n) "
-                                       "over seeds. Cells without a value say `missing`.")
-    table.add_argument("--metric", default="auc", help="metric to show (default: auc)")
+    ev = sub.add_parser("eval", help="evaluate an existing checkpoint (ours, or an open_clip CLIP model)",
+                        description="Evaluate CHECKPOINT with the configured (or given) protocols and datasets and "
+                                    "write the same records `bench run` writes. CHECKPOINT is one of our run "
+                                    "folders (or its final.pt / checkpoint.pt), open_clip:MODEL[:PRETRAINED] "
+                                    "(a pretrained tag or a local weights file) or hf-hub:ORG/REPO (online only).",
+                        epilog="Trailing key=value items override eval/data/runtime settings, e.g. "
+                               "eval.fine_tune.epochs=5 runtime.device=cuda.")
+    ev.add_argument("--checkpoint", required=True, metavar="PATH_OR_NAME")
+    ev.add_argument("--dataset", action="append", default=[], help="dataset to evaluate on (repeatable; default: "
+                                                                   "eval.datasets)")
+    ev.add_argument("--protocol", action="append", default=[], help="zero-shot, linear-probe or fine-tune "
+                                                                    "(repeatable; default: eval.protocols)")
+    ev.add_argument("--fractions", default=None, help="label fractions, e.g. 0.01,0.1,1 (default: eval.fractions)")
+    ev.add_argument("--seeds", default=None, help="evaluation seeds, e.g. 0,1,2 (default: eval.seeds)")
+    ev.add_argument("--open-clip-config", default=None, help="an open_clip model config JSON for a custom MODEL")
+    ev.add_argument("--results-dir", default=None, help="results root (default: ./results)")
+    ev.add_argument("--force", action="store_true", help="re-run evaluations that already have a record")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="overrides")
+
+    table = sub.add_parser("table", help="aggregate records into a table (mean±std over seeds, CIs, tests)",
+                           description="Rows: method/ablation (a variant column where one has several "
+                                       "configurations: never pooled); columns: dataset (x protocol x label "
+                                       "fraction where several are present); cells: mean±std (n) over seeds; the "
+                                       "best per column in bold. Cells without a value say `missing`.",
+                           epilog="examples: bench table --metric auc --protocol linear-probe --ci; "
+                                  "bench table --delta-to mmclip --test delong --datasets chexpert,rsna; "
+                                  "bench table --reference published.yaml --format latex --out table.tex")
+    table.add_argument("--metric", default="auc", help="metric to show, e.g. auc, acc, f1, mcc (default: auc)")
     table.add_argument("--protocol", default=None, help="only this protocol (e.g. zero-shot, linear-probe)")
-    table.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
+    table.add_argument("--fraction", default=None, help="only this label fraction (e.g. 0.1 or 10%%)")
+    table.add_argument("--datasets", default=None, help="comma-separated datasets, in column order")
+    table.add_argument("--methods", default=None,
+                       help="comma-separated METHOD[:ABLATION] rows, in row order (their random-init baseline "
+                            "stays)")
+    table.add_argument("--delta-to", default=None, metavar="METHOD[:ABLATION]",
+                       help="show every other row as its change from this row, with a paired significance test")
+    table.add_argument("--test", default="bootstrap", choices=["bootstrap", "delong"],
+                       help="paired test for --delta-to: bootstrap over stored replicates (default) or DeLong "
+                            "on stored predictions (AUC only)")
+    table.add_argument("--ci", action="store_true",
+                       help="append the CI of the seed mean (two-level bootstrap over seeds and test resamples)")
+    table.add_argument("--prompt-set", default=None, metavar="NAME",
+                       help="zero-shot cells from this prompt set (e.g. gloria or gloria@v1) instead of the primary")
+    table.add_argument("--reference", default=None, metavar="FILE",
+                       help="YAML or CSV of published numbers (method, [ablation,] dataset, protocol, [fraction,] "
+                            "metric, value, [std, source]) shown as quoted rows")
+    table.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "json"])
     table.add_argument("--results-dir", default="results", help="results root (default: ./results)")
+    table.add_argument("--out", default=None, metavar="FILE", help="write the table to FILE instead of stdout")
+
+    plot = sub.add_parser("plot", help="figures: bars with CIs, label-efficiency curves, ROC curves",
+                          description="Write PNG and PDF figures from the records: `bars` (seed mean per row with "
+                                      "CI whiskers, one panel per dataset, one figure per protocol and fraction), "
+                                      "`fractions` (metric vs label fraction per row), `roc` (macro-average ROC "
+                                      "per row from the stored predictions), or `all`. Prints the paths written.")
+    plot.add_argument("--kind", default="all", choices=["bars", "fractions", "roc", "all"])
+    plot.add_argument("--metric", default="auc", help="metric for bars and fractions (default: auc)")
+    plot.add_argument("--protocol", default=None, help="only this protocol")
+    plot.add_argument("--fraction", default=None, help="only this label fraction (e.g. 0.1 or 10%%)")
+    plot.add_argument("--datasets", default=None, help="comma-separated datasets")
+    plot.add_argument("--methods", default=None, help="comma-separated METHOD[:ABLATION] rows")
+    plot.add_argument("--results-dir", default="results", help="results root (default: ./results)")
+    plot.add_argument("--out", default=None, metavar="DIR", help="folder for the figures (default: "
+                                                                  "<results-dir>/plots)")
 
     data = sub.add_parser("data", help="generate the synthetic benchmark; inspect a dataset root",
                           description="Dataset tools.")
@@ -109,8 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. model=base")
 
-    sub.add_parser("list", help="registered methods and their ablations, datasets, protocols",
-                   description="Print the registered methods with their ablations, the datasets and the protocols.")
+    sub.add_parser("list", help="registered methods and their ablations, datasets, protocols, prompt sets",
+                   description="Print the registered methods with their ablations, the datasets, the protocols "
+                               "and the zero-shot prompt sets.")
     return p
 
 
@@ -124,15 +183,65 @@ def _run(args: argparse.Namespace) -> None:
         overrides.append(f"results_dir={args.results_dir}")
     cfg = compose_config(args.method, args.ablation, args.seed, overrides)
     store = run_experiment(cfg, force=args.force)
-    if not args.no_table:
-        print(build_table(store.records(), "auc"))
+    if not args.no_table:  # all labels; `bench table --fraction 0.01` shows the label-efficiency columns
+        records = store.records()
+        print(build_table(records, "auc", fraction=1.0 if any(r["fraction"] == 1.0 for r in records) else None))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from bench.pipeline import evaluate, load_checkpoint, quiet_libraries, report_timing
+    from bench.results import ResultsStore
+    from bench.trainer import resolve_device
+
+    quiet_libraries()
+    overrides = list(args.overrides)
+    for flag, key in ((args.dataset, "eval.datasets"), (args.protocol, "eval.protocols")):
+        items = [x for item in flag for x in item.split(",") if x]
+        if items:
+            overrides.append(f"{key}=[{','.join(items)}]")
+    for value, key in ((args.fractions, "eval.fractions"), (args.seeds, "eval.seeds")):
+        if value:
+            overrides.append(f"{key}=[{value}]")
+    if args.results_dir:
+        overrides.append(f"results_dir={args.results_dir}")
+    cfg, method, subject = load_checkpoint(args.checkpoint, overrides, args.open_clip_config)
+    device = resolve_device(cfg.runtime.device)
+    summary = evaluate(cfg, method.to(device), subject, ResultsStore(cfg.results_dir), device, args.force)
+    report_timing(subject, summary)
+    for path in summary["written"]:
+        print(path)
 
 
 def _table(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from bench.results import ResultsStore
     from bench.table import build_table
 
-    print(build_table(ResultsStore(args.results_dir).records(), args.metric, args.protocol, args.format))
+    text = build_table(ResultsStore(args.results_dir).records(), args.metric, args.protocol, args.format,
+                       fraction=args.fraction, datasets=args.datasets, methods=args.methods,
+                       delta_to=args.delta_to, test=args.test, ci=args.ci, prompt_set=args.prompt_set,
+                       reference=args.reference)
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text if text.endswith("\n") else text + "\n")
+        print(out)
+    else:
+        print(text)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from bench.plots import write_plots
+    from bench.results import ResultsStore
+
+    out = Path(args.out).expanduser() if args.out else Path(args.results_dir) / "plots"
+    for path in write_plots(ResultsStore(args.results_dir).records(), args.kind, out, metric=args.metric,
+                            protocol=args.protocol, fraction=args.fraction, datasets=args.datasets,
+                            methods=args.methods):
+        print(path)
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -178,15 +287,10 @@ def _mask(args: argparse.Namespace) -> None:
 
     from bench.config import compose_config
     from bench.mask_view import image_view, render_text, text_view
-    from bench.pipeline import build_method, load_dataset
+    from bench.pipeline import build_method, load_dataset, run_folder
 
     if args.checkpoint:
-        path = Path(args.checkpoint)
-        run_dir = path if path.is_dir() else path.parent
-        weights = path if path.is_file() else next((run_dir / n for n in ("final.pt", "checkpoint.pt")
-                                                    if (run_dir / n).exists()), None)
-        if not (run_dir / "config.yaml").exists() or weights is None:
-            raise UserError(f"{args.checkpoint}: not a run folder (needs config.yaml and final.pt or checkpoint.pt)")
+        run_dir, weights = run_folder(args.checkpoint)
         cfg = OmegaConf.load(run_dir / "config.yaml")
     else:
         cfg = compose_config(args.method, args.ablation, None, args.overrides)
@@ -236,6 +340,7 @@ def _list() -> None:
     from bench.config import ablation_names, ablation_parameters
     from bench.datasets import adapter_names, get_adapter
     from bench.evaluation import PROTOCOLS
+    from bench.prompt_sets import get_prompt_set, prompt_set_names
     from bench.registry import method_names
 
     print("methods (ablations):")
@@ -249,6 +354,12 @@ def _list() -> None:
     print("protocols:")
     for name in PROTOCOLS:
         print(f"  {name}")
+    print("zero-shot prompt sets:")
+    for name in prompt_set_names():
+        prompt_set = get_prompt_set(name)
+        negatives = any(c.negative for c in prompt_set.classes.values())
+        print(f"  {prompt_set.id}: {len(prompt_set.classes)} classes, positive{' and negative' * negatives} prompts "
+              f"({prompt_set.path.name})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "run":
             _run(args)
+        elif args.verb == "eval":
+            _eval(args)
         elif args.verb == "table":
             _table(args)
+        elif args.verb == "plot":
+            _plot(args)
         elif args.verb == "data":
             _data(args)
         elif args.verb == "mask":

@@ -182,10 +182,15 @@ def pretrain_hash(cfg: DictConfig) -> str:
     return stable_hash({**kept, "data": data})
 
 
+# eval settings that choose which records to make, or how fast, not what any one record holds
+EVAL_SCHEDULE = ("datasets", "protocols", "fractions", "seeds", "random_init_baseline", "cache_features",
+                 "batch_size")
+
+
 def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:
     """The settings of one evaluation (its protocol's section of `eval`, the shared ones, the dataset's)."""
     e = to_plain(cfg.eval)
-    shared = {k: v for k, v in e.items() if k not in ("datasets", "protocols", "random_init_baseline")
-              and not isinstance(v, dict)}
+    protocol_sections = {"zero_shot", "linear_probe", "fine_tune"}
+    shared = {k: v for k, v in e.items() if k not in EVAL_SCHEDULE and k not in protocol_sections}
     return stable_hash({"protocol": protocol, "shared": shared, "own": e.get(protocol.replace("-", "_"), {}),
                         "data": dataset_identity(cfg, dataset)})

@@ -16,8 +16,12 @@ class ImagePreprocessor:
     channels; optional seeded augmentation (a mild random resized crop; no flips, since left and right
     carry meaning in radiographs)."""
 
-    def __init__(self, size: int, mean: float, std: float, augment: bool, channels: int = 3):
-        self.size, self.mean, self.std, self.augment, self.channels = size, mean, std, augment, channels
+    def __init__(self, size: int, mean: float | Sequence[float], std: float | Sequence[float], augment: bool,
+                 channels: int = 3):
+        self.size, self.augment, self.channels = size, augment, channels
+        # one value for every channel (the harness's grey presets) or one per channel (an RGB CLIP's)
+        self.mean, self.std = (float(v) if isinstance(v, (int, float)) else [float(x) for x in v] for v in (mean, std))
+        self._mean, self._std = (torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (self.mean, self.std))
 
     def __call__(self, square: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
         x = torch.from_numpy(square).float().div_(255.0)
@@ -28,8 +32,7 @@ class ImagePreprocessor:
             crop = x[top:top + side, left:left + side][None, None]
             x = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
                                                 align_corners=False)[0, 0]
-        x = (x - self.mean) / self.std
-        return x.expand(self.channels, -1, -1).contiguous()
+        return ((x.expand(self.channels, -1, -1) - self._mean) / self._std).contiguous()
 
 
 class ImageTextDataset(Dataset):
@@ -59,3 +62,22 @@ class ImageTextDataset(Dataset):
 def collate_images(items: list) -> Batch:
     """(image, text, id) items -> a Batch of images only (what evaluators feed the image encoder)."""
     return Batch(torch.stack([it[0] for it in items]), None, [it[2] for it in items])
+
+
+class LabelledImageDataset(ImageTextDataset):
+    """Rows of a manifest as (image tensor, label vector, sample id), for fine-tuning."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, ids: Sequence[str], preprocess: ImagePreprocessor,
+                 cache: ImageCache, seed: int = 0):
+        super().__init__(paths, None, ids, preprocess, cache, seed)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image, _, sample_id = super().__getitem__(i)
+        return image, self.labels[i], sample_id
+
+
+def collate_labelled(items: list) -> Batch:
+    """(image, labels, id) items -> a Batch of images with their label vectors."""
+    return Batch(torch.stack([it[0] for it in items]), None, [it[2] for it in items],
+                 labels=torch.stack([it[1] for it in items]))

@@ -16,7 +16,8 @@ class Batch:
     `image_text[i]` is the text row of image i, -1 when it has none (None: images and texts are aligned
     pairs). `text_groups` marks texts that are the same caption (equal ids are positives for each other).
     Masked modelling adds `masked_text`, the same rows with hidden pieces replaced by [MASK], and
-    `mlm_labels`, the hidden pieces' ids (-100 elsewhere)."""
+    `mlm_labels`, the hidden pieces' ids (-100 elsewhere). Fine-tuning batches carry `labels`, the task's
+    label vector per image."""
 
     images: torch.Tensor | None
     text: TextBatch | None
@@ -25,13 +26,14 @@ class Batch:
     text_groups: torch.Tensor | None = None
     masked_text: TextBatch | None = None
     mlm_labels: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def move(x):
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
-                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels))
+                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels))
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image rows, their text rows) of the samples that have both."""
@@ -81,9 +83,18 @@ class Method(nn.Module):
         """Pooled image features before any projection (linear probe, fine-tuning)."""
         raise NotImplementedError
 
+    def image_modules(self) -> tuple[str, ...]:
+        """Names of the submodules `encode_image` runs through: fine-tuning trains these (and a head) only."""
+        return ("image_tower",)
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        """`encode_image`'s features -> the L2-normalised joint-space embedding (zero-shot reuses the features
+        the linear probe caches, so each image is encoded once)."""
+        raise NotImplementedError
+
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embedding in the joint space (zero-shot)."""
-        raise NotImplementedError
+        return self.project_image(self.encode_image(images))
 
     def embed_text(self, text: TextBatch) -> torch.Tensor:
         """L2-normalised text embedding in the joint space (zero-shot)."""
@@ -102,3 +113,7 @@ class Method(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of extra parameters that must not be decayed (norms and biases are excluded anyway)."""
         return set()
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Parameter-name prefix -> learning-rate multiplier (the longest matching prefix wins; default 1)."""
+        return {}

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +23,8 @@ from bench.corpus import MixedBatchSampler, Pool, PretrainCorpus, batch_composit
 from bench.data import ImagePreprocessor
 from bench.datasets import Task, get_adapter
 from bench.errors import UserError
-from bench.evaluation import PROTOCOLS
+from bench.evaluation import PROTOCOLS, EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
+from bench.evaluation.fine_tune import remove_weights
 from bench.images import ImageCache, usable
 from bench.io import atomic_write_text
 from bench.method import Method
@@ -69,13 +71,18 @@ class LoadedDataset:
     corrupt_images: str = "skip"
     decode_workers: int = 1
     skipped: dict[str, int] = field(default_factory=dict)  # split file -> unreadable images left out
+    _usable: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def rows(self, split: str, fraction: float = 1.0) -> pd.DataFrame:
+    def rows(self, split: str, fraction: float = 1.0, subset_seed: int | None = None) -> pd.DataFrame:
         """The split's rows (a label fraction's, for train) whose images can be read: each is decoded into
         the cache now if it is not there yet, so no epoch meets an unreadable file."""
-        rows = self.splits.rows(split, fraction)
-        ok = usable(self.cache, rows["image_path"], self.corrupt_images, f"{self.name} {split}", self.decode_workers)
-        self.skipped[fraction_file(fraction) if split == "train" else f"{split}.txt"] = int((~ok).sum())
+        rows = self.splits.rows(split, fraction, subset_seed)
+        name = fraction_file(fraction, subset_seed) if split == "train" else f"{split}.txt"
+        if name not in self._usable:  # checked once per split file: every fraction x seed asks again
+            self._usable[name] = usable(self.cache, rows["image_path"], self.corrupt_images, f"{self.name} {split}",
+                                        self.decode_workers)
+        ok = self._usable[name]
+        self.skipped[name] = int((~ok).sum())
         return rows[ok].reset_index(drop=True)
 
     def preprocessor(self, augment: bool) -> ImagePreprocessor:
@@ -170,7 +177,7 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tupl
     return method.to(device), final
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -178,48 +185,161 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def evaluate(cfg: DictConfig, method: Method, identity: tuple[str, str, str], checkpoint: Path | None,
-             store: ResultsStore, device: torch.device, force: bool = False) -> list[Path]:
-    """Every configured (dataset x protocol) for one model; finished records are skipped unless `force`."""
-    name, ablation, phash = identity
+@dataclass(frozen=True)
+class Subject:
+    """What is evaluated: the record identity of a model and where its weights came from."""
+
+    method: str
+    ablation: str
+    pretrain_hash: str
+    pretrain_seed: int
+    checkpoint: dict | None  # {"path", "sha256"} of our weights, an external model's identity, None if untrained
+    feature_key: str  # names its folder of cached features: the weights' hash, or the untrained model's
+
+
+def evaluation_jobs(cfg: DictConfig, protocol: str) -> list[tuple[float, int]]:
+    """(label fraction, eval seed) pairs of a protocol; zero-shot fits nothing, so it runs once."""
+    seeds = [int(s) for s in cfg.eval.seeds]
+    if not seeds:
+        raise UserError("eval.seeds is empty: give at least one evaluation seed, e.g. eval.seeds=[0]")
+    if protocol == "zero-shot":
+        return [(1.0, seeds[0])]
+    fractions = [float(f) for f in cfg.eval.fractions]
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad or not fractions:
+        raise UserError(f"eval.fractions must be label fractions in (0, 1], e.g. [0.01, 0.1, 1.0]; got {fractions}")
+    return [(f, s) for f in fractions for s in seeds]
+
+
+def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsStore, device: torch.device,
+             force: bool = False) -> dict:
+    """Every configured dataset x protocol x fraction x seed for one model; finished records are skipped
+    unless `force`. Returns the written record paths and where the time went."""
     unknown = [p for p in cfg.eval.protocols if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"unknown protocol(s) {', '.join(unknown)}; valid protocols: {', '.join(PROTOCOLS)}")
-    written = []
-    ckpt = {"path": str(checkpoint), "sha256": _sha256(checkpoint)} if checkpoint else None
     protocols = list(cfg.eval.protocols)
     if "zero-shot" in protocols and not method.joint_space:
-        print(f"bench: {cfg.method.name} has no joint image-text space; zero-shot is not evaluated", file=sys.stderr)
+        print(f"bench: {subject.method} has no joint image-text space; zero-shot is not evaluated", file=sys.stderr)
         protocols.remove("zero-shot")
+    workers = int(cfg.runtime.num_workers)
+    features = FeatureCache(store.root / "features" / subject.feature_key if cfg.eval.cache_features else None,
+                            int(cfg.eval.batch_size), device, workers)
+    written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
     for dataset in cfg.eval.datasets:
         get_adapter(dataset)
         data = None
         for protocol in protocols:
-            fraction = float(cfg.eval.linear_probe.fraction) if protocol == "linear-probe" else 1.0
-            key = RecordKey(name, ablation, phash, int(cfg.seed), dataset, protocol, fraction,
-                            int(cfg.eval.seed), eval_hash(cfg, protocol, dataset))
-            if store.exists(key) and not force:
-                continue
-            if data is None:
-                data = load_dataset(cfg, dataset)
-            data.splits.used.clear()
-            data.skipped.clear()
-            started = time.time()
-            out = PROTOCOLS[protocol](method, data, cfg, device, cfg.runtime.num_workers)
-            task = data.task
-            record = {
-                "metrics": out["metrics"], "per_class": out["per_class"], "n_test": out["n_test"],
-                "chosen": out.get("chosen", {}),
-                "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
-                "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": ckpt,
-                "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
-                           "unreadable_skipped": dict(data.skipped)},
-                "git": git_state(), "libraries": library_versions(),
-                "device": device_info(device), "wall_time_s": round(time.time() - started, 3),
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            written.append(store.write(key, record, out["predictions"]))
-    return written
+            for fraction, seed in evaluation_jobs(cfg, protocol):
+                key = RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
+                                dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset))
+                if store.exists(key) and not force:
+                    continue
+                if data is None:
+                    data = load_dataset(cfg, dataset)
+                data.splits.used.clear()
+                data.skipped.clear()
+                started, encoded = time.perf_counter(), features.seconds
+                ctx = EvalContext(method, data, cfg, device, features, workers)
+                if protocol == "zero-shot":
+                    result = zero_shot(ctx)
+                elif protocol == "linear-probe":
+                    result = linear_probe(ctx, fraction, seed)
+                else:
+                    run_dir = store.root / "finetune" / key.method / key.stem
+                    result = fine_tune(ctx, fraction, seed, run_dir)
+                boot_started = time.perf_counter()
+                numbers = result.numbers(cfg.eval.bootstrap)
+                spent = {"encode_s": features.seconds - encoded, **result.timing,
+                         "bootstrap_s": time.perf_counter() - boot_started, "total_s": time.perf_counter() - started}
+                task = data.task
+                record = {
+                    **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
+                    "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
+                    "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
+                               "unreadable_skipped": dict(data.skipped)},
+                    "git": git_state(), "libraries": library_versions(), "device": device_info(device),
+                    "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                written.append(store.write(key, record, result.predictions()))
+                if protocol == "fine-tune" and not cfg.eval.fine_tune.keep_weights:
+                    remove_weights(run_dir)
+                for k, v in spent.items():
+                    timing[k] = timing.get(k, 0.0) + v
+    return {"written": written, "timing": timing, "encoder_passes": dict(features.encoded)}
+
+
+def subject_of_run(cfg: DictConfig, checkpoint: Path) -> Subject:
+    digest = file_sha256(checkpoint)
+    return Subject(cfg.method.name, cfg.ablation, pretrain_hash(cfg), int(cfg.seed),
+                   {"path": str(checkpoint), "sha256": digest}, digest[:16])
+
+
+def random_init_subject(cfg: DictConfig) -> Subject:
+    """The pretrained model's exact starting point: same architecture, same seed, no training."""
+    arch = stable_hash({"method": to_plain(cfg.method), "model": to_plain(cfg.model)})
+    return Subject(RANDOM_INIT, cfg.method.name, arch, int(cfg.seed), None, f"random-init-{arch[:12]}-s{cfg.seed}")
+
+
+def run_folder(spec: str) -> tuple[Path, Path]:
+    """(run folder, weights file) of a run folder or of its final.pt / checkpoint.pt."""
+    path = Path(spec).expanduser()
+    run_dir = path if path.is_dir() else path.parent
+    weights = path if path.is_file() else next((run_dir / n for n in ("final.pt", "checkpoint.pt")
+                                                if (run_dir / n).exists()), None)
+    if not (run_dir / "config.yaml").exists() or weights is None:
+        raise UserError(f"{spec}: not a run folder (needs config.yaml and final.pt or checkpoint.pt) and not an "
+                        f"external model spec (open_clip:MODEL[:PRETRAINED] or hf-hub:ORG/REPO)")
+    return run_dir, weights
+
+
+def load_checkpoint(spec: str, overrides: list[str], open_clip_config: str | None = None
+                    ) -> tuple[DictConfig, Method, Subject]:
+    """A model to evaluate: one of our runs (its own model/method/data config), or an open_clip-format CLIP model
+    (its own preprocessing); the eval and runtime settings are the defaults with `overrides`."""
+    from bench.config import compose_config
+    from bench.external import is_external_spec, load_external
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"malformed override {bad[0]!r}: expected key=value (e.g. eval.seeds=[0,1,2])")
+    if is_external_spec(spec):
+        cfg = compose_config("clip", overrides=overrides)
+        model = load_external(spec, open_clip_config, "cpu")
+        OmegaConf.set_struct(cfg, False)
+        cfg.method = {"name": "external", **model.identity}
+        cfg.model.image = model.image_cfg
+        digest = stable_hash(model.identity)
+        return cfg, model, Subject("external", model.name, digest, 0, dict(model.identity), f"external-{digest[:16]}")
+    run_dir, weights = run_folder(spec)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    # the run's model, method and data over today's defaults (settings added since then get their default);
+    # how to evaluate is today's `eval` with the overrides, not what the run was evaluated with back then
+    for key in ("eval", "runtime", "results_dir"):
+        run_cfg.pop(key, None)
+    cfg = compose_config(str(run_cfg.method.name))
+    OmegaConf.set_struct(cfg, False)
+    cfg = OmegaConf.merge(cfg, run_cfg, OmegaConf.from_dotlist(overrides))
+    method = build_method(cfg, int(cfg.seed))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=False)["model"]
+        method.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched file gets the same clear message
+        raise UserError(f"{weights}: cannot load these weights into {cfg.method.name} ({exc})") from None
+    subject = subject_of_run(cfg, weights)
+    if weights.name != "final.pt":  # an unfinished run's weights are not its pretrained model: another variant
+        subject = Subject(subject.method, subject.ablation, stable_hash([subject.pretrain_hash, subject.feature_key]),
+                          subject.pretrain_seed, subject.checkpoint, subject.feature_key)
+    return cfg, method, subject
+
+
+def report_timing(subject: Subject, summary: dict) -> None:
+    t = summary["timing"]
+    if summary["written"]:
+        print(f"bench: {subject.method} {subject.ablation}: {len(summary['written'])} record(s) in {t['total_s']:.1f} s "
+              f"(encoding {t['encode_s']:.1f}, linear fits {t['fit_s']:.1f}, fine-tuning {t['fine_tune_s']:.1f}, "
+              f"bootstrap {t['bootstrap_s']:.1f})", file=sys.stderr)
 
 
 def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
@@ -230,10 +350,9 @@ def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
     device = resolve_device(cfg.runtime.device)
     store = ResultsStore(cfg.results_dir)
     method, final = pretrain(cfg, store, device)
-    evaluate(cfg, method, (cfg.method.name, cfg.ablation, pretrain_hash(cfg)), final, store, device, force)
+    subject = subject_of_run(cfg, final)
+    report_timing(subject, evaluate(cfg, method, subject, store, device, force))
     if cfg.eval.random_init_baseline:
-        # the pretrained model's exact starting point: same architecture, same seed, no training
-        untrained = build_method(cfg, cfg.seed).to(device)
-        arch = stable_hash({"method": to_plain(cfg.method), "model": to_plain(cfg.model)})
-        evaluate(cfg, untrained, (RANDOM_INIT, cfg.method.name, arch), None, store, device, force)
+        untrained, subject = build_method(cfg, cfg.seed).to(device), random_init_subject(cfg)
+        report_timing(subject, evaluate(cfg, untrained, subject, store, device, force))
     return store

@@ -19,7 +19,7 @@ import pandas as pd
 from bench.errors import UserError
 from bench.io import atomic_write, atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bootstrap CIs and replicates, thresholds, timing, fine-tune records
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Files live in `<splits_dir>/<dataset>/<content hash>/`: `train.txt`, `val.txt`, `test.txt` (and any named
 evaluation set, e.g. `5x200.txt`), `train_1.txt`, `train_10.txt` (1% and 10% of train; other fractions on
-first use), one sample id per line, sorted, with `SHA256SUMS` beside them. The folder name hashes the
+first use; `train_1_seed3.txt` where each evaluation seed draws its own subset), one sample id per line,
+sorted, with `SHA256SUMS` beside them. The folder name hashes the
 manifest's (sample id, split) assignment, so a changed dataset never reuses stale lists, and an unchanged
 one reuses the same files run after run. Fractions are nested (1% within 10%), drawn with a fixed seed,
 and stratified by class for binary and multi-class tasks (as BenchX does); multi-label tasks, where no
@@ -27,13 +28,15 @@ DEFAULT_FRACTIONS = (0.01, 0.1)
 SUMS = "SHA256SUMS"
 
 
-def fraction_file(fraction: float) -> str:
+def fraction_file(fraction: float, subset_seed: int | None = None) -> str:
+    """`train_10.txt` for 10% (the fixed subset every seed shares), `train_10_seed3.txt` for seed 3's own."""
     if not 0 < fraction <= 1:
         raise UserError(f"a label fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return "train.txt"
     pct = fraction * 100
-    return f"train_{int(pct) if float(pct).is_integer() else f'{pct:g}'}.txt"
+    seed = "" if subset_seed is None else f"_seed{subset_seed}"
+    return f"train_{int(pct) if float(pct).is_integer() else f'{pct:g}'}{seed}.txt"
 
 
 def _sha256(text: str) -> str:
@@ -52,11 +55,11 @@ def _strata(train: pd.DataFrame, task: Task) -> list[np.ndarray]:
     return [np.flatnonzero(key == k) for k in np.unique(key)]
 
 
-def fraction_ids(train: pd.DataFrame, task: Task, fraction: float) -> list[str]:
-    """The sample ids of a `fraction` of `train`: nested across fractions, stratified where it can be, and
-    independent of the manifest's row order."""
+def fraction_ids(train: pd.DataFrame, task: Task, fraction: float, seed: int = FRACTION_SEED) -> list[str]:
+    """The sample ids of a `fraction` of `train`: nested across fractions of one seed, stratified where it
+    can be, and independent of the manifest's row order."""
     train = train.sort_values("sample_id", key=lambda ids: ids.astype(str))
-    rng = np.random.default_rng(FRACTION_SEED)
+    rng = np.random.default_rng(seed)
     chosen = []
     for rows in _strata(train, task):
         order = rows[rng.permutation(len(rows))]
@@ -104,13 +107,15 @@ class SplitFiles:
                             f"recorded {recorded[:12]}); delete the folder to rebuild it")
         return digest
 
-    def rows(self, split: str, fraction: float = 1.0) -> pd.DataFrame:
-        """The manifest rows listed in the split's file (a fraction's file for `train`), in manifest order."""
+    def rows(self, split: str, fraction: float = 1.0, subset_seed: int | None = None) -> pd.DataFrame:
+        """The manifest rows listed in the split's file (a fraction's file for `train`; with `subset_seed`,
+        that seed's own subset, written on first use), in manifest order."""
         if split != "train" and fraction != 1.0:
             raise ValueError("fractions apply to the train split only")
-        name = fraction_file(fraction) if split == "train" else f"{split}.txt"
+        name = fraction_file(fraction, subset_seed) if split == "train" else f"{split}.txt"
         train = self.manifest[self.manifest["split"] == "train"]
-        self.used[name] = self._file(name, fraction_ids(train, self.task, fraction) if fraction < 1 else [])
+        seed = FRACTION_SEED if subset_seed is None else subset_seed
+        self.used[name] = self._file(name, fraction_ids(train, self.task, fraction, seed) if fraction < 1 else [])
         ids = set((self.directory / name).read_text().splitlines())
         rows = self.manifest[self.manifest["sample_id"].astype(str).isin(ids)]
         if len(rows) != len(ids):

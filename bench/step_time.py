@@ -40,7 +40,7 @@ def _contestant(spec: str, overrides: list[str], n_batches: int) -> _Contestant:
     method.train()
     collate = method.make_collate()
     batches = [collate([corpus[i] for i in idx]) for idx in sampler.batches()[:n_batches]]
-    return _Contestant(spec, method, torch.optim.AdamW(param_groups(method, 0.05), lr=1e-4), batches)
+    return _Contestant(spec, method, torch.optim.AdamW(param_groups(method, 0.05, 1e-4), lr=1e-4), batches)
 
 
 def step_times(specs: list[str], overrides: list[str], steps: int = 10, warmup: int = 2) -> list[tuple[str, float]]:

@@ -7,6 +7,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,6 +20,18 @@ from bench.io import atomic_torch_save
 from bench.method import Method
 
 CHECKPOINT, FINAL = "checkpoint.pt", "final.pt"
+
+
+class Validation(Protocol):
+    """An end-of-epoch check (e.g. early stopping on a validation metric) whose state resumes with the run."""
+
+    stop: bool
+
+    def __call__(self, method: Method, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -43,19 +56,21 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def param_groups(method: Method, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, positional/class embeddings, the temperature and frozen weights."""
-    skip = method.no_weight_decay()
-    decay, no_decay = [], []
+def param_groups(method: Method, weight_decay: float, lr: float) -> list[dict]:
+    """No weight decay on norms, biases, positional/class embeddings, the temperature and frozen weights;
+    learning rates scaled by the method's `lr_multipliers` (e.g. a fine-tuned encoder at 0.1x its head's)."""
+    skip, multipliers = method.no_weight_decay(), method.lr_multipliers()
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in method.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim < 2 or name in skip or leaf in ("positional_embedding", "class_embedding"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or name in skip or leaf in ("positional_embedding", "class_embedding"))
+        prefix = max((k for k in multipliers if name.startswith(k)), key=len, default=None)
+        scale = 1.0 if prefix is None else float(multipliers[prefix])
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
@@ -90,9 +105,11 @@ class Trainer:
         self.progress, self.num_workers = progress, num_workers
         self.dtype = autocast_dtype(cfg.precision, device)
 
-    def fit(self, method: Method, dataset: PretrainCorpus, collate, sampler: MixedBatchSampler, seed: int) -> Path:
+    def fit(self, method: Method, dataset: PretrainCorpus, collate, sampler: MixedBatchSampler, seed: int,
+            validation: Validation | None = None) -> Path:
         """Train until the configured end, resuming from `run_dir/checkpoint.pt` when present.
-        Returns the path of the final weights."""
+        With `validation`, it is called after every epoch (and checkpointed with the weights), and training
+        stops early once its `stop` is set. Returns the path of the final weights."""
         cfg = self.cfg
         final = self.run_dir / FINAL
         if final.exists():
@@ -105,15 +122,15 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, int(cfg.max_steps))
-        optimizer = torch.optim.AdamW(param_groups(method, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+        optimizer = torch.optim.AdamW(param_groups(method, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
                                       fused=self.device.type == "cuda")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(total, cfg.warmup_steps, cfg.min_lr_ratio))
-        step = self._resume(method, optimizer, schedule)
+        step = self._resume(method, optimizer, schedule, validation)
         log = self._open_log(step)
         bar = self._bar(total, step)
         try:
-            while step < total:
+            while step < total and not (validation is not None and validation.stop):
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 sampler.set_epoch(epoch, skip=in_epoch * cfg.accumulate)
                 dataset.set_epoch(epoch)
@@ -136,9 +153,12 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{parts['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
-                    if step % cfg.checkpoint_every == 0 or step == total:
-                        self._save(method, optimizer, schedule, step)
-                    if step >= total:
+                    end_of_epoch = step % steps_per_epoch == 0
+                    if validation is not None and end_of_epoch:
+                        validation(method, epoch)
+                    if step % cfg.checkpoint_every == 0 or step == total or (validation is not None and end_of_epoch):
+                        self._save(method, optimizer, schedule, step, validation)
+                    if step >= total or (validation is not None and validation.stop):
                         break
         finally:
             log.close()
@@ -170,13 +190,13 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return totals, n_images
 
-    def _save(self, method: Method, optimizer, schedule, step: int) -> None:
+    def _save(self, method: Method, optimizer, schedule, step: int, validation: Validation | None = None) -> None:
         atomic_torch_save(self.run_dir / CHECKPOINT, {
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "step": step, "rng": _rng_state(),
+            "step": step, "rng": _rng_state(), "validation": None if validation is None else validation.state_dict(),
         })
 
-    def _resume(self, method: Method, optimizer, schedule) -> int:
+    def _resume(self, method: Method, optimizer, schedule, validation: Validation | None = None) -> int:
         path = self.run_dir / CHECKPOINT
         if not path.exists():
             return 0
@@ -188,6 +208,8 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         _set_rng_state(state["rng"])
+        if validation is not None and state.get("validation") is not None:
+            validation.load_state_dict(state["validation"])
         return int(state["step"])
 
     def _open_log(self, step: int):

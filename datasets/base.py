@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable
 
@@ -29,20 +29,16 @@ class Task:
     labels: list[str]
     multilabel: bool  # False: exactly one of `labels` per sample (multi-class); a 1-label task is binary
     metric: str  # the metric the field reports for this dataset (DATASETS.md §11): "auc" or "acc"
-    prompts: dict[str, list[str]] = field(default_factory=dict)  # class -> positive prompts
-    negative_prompts: dict[str, list[str]] = field(default_factory=dict)  # class -> "no <finding>" prompts
+    # zero-shot prompts are not part of a task: they are named, versioned data (bench/prompt_sets.py)
 
     @property
     def kind(self) -> str:
         return "binary" if len(self.labels) == 1 else "multi-label" if self.multilabel else "multi-class"
 
 
-def finding_task(labels: list[str], metric: str = "auc", names: dict[str, str] | None = None) -> Task:
-    """A multi-label (or, with one label, binary) task with CheXzero's "<finding>" / "no <finding>" prompts."""
-    names = names or {}
-    text = {c: names.get(c, c.replace("_", " ").lower()) for c in labels}
-    return Task(labels=labels, multilabel=True, metric=metric, prompts={c: [t] for c, t in text.items()},
-                negative_prompts={c: [f"no {t}"] for c, t in text.items()})
+def finding_task(labels: list[str], metric: str = "auc") -> Task:
+    """A multi-label (or, with one label, binary) task."""
+    return Task(labels=labels, multilabel=True, metric=metric)
 
 
 class Adapter:

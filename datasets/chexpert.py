@@ -147,8 +147,7 @@ class CheXpert5x200(CheXpert):
     name = "chexpert-5x200"
     config_key = "chexpert"
     description = "CheXpert 5x200: 1,000 training images with exactly one of 5 findings; zero-shot accuracy"
-    task = Task(labels=COMPETITION, multilabel=False, metric="acc",
-                prompts={c: [c.lower()] for c in COMPETITION})
+    task = Task(labels=COMPETITION, multilabel=False, metric="acc")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         manifest = super().read(with_reports)

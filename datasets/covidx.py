@@ -31,13 +31,6 @@ from bench.errors import UserError
 FIELDS = ["patient_id", "filename", "class", "data_source"]
 SPLITS = ("train", "val", "test")
 VOCABULARIES = {"3-class": ("normal", "pneumonia", "COVID-19"), "binary": ("positive", "negative")}
-CLASS_PROMPTS = {
-    "normal": ["no acute cardiopulmonary process", "clear lungs without focal consolidation"],
-    "pneumonia": ["focal consolidation consistent with pneumonia", "lobar airspace opacity compatible with pneumonia"],
-    "COVID-19": ["bilateral peripheral ground-glass opacities consistent with covid-19 pneumonia",
-                 "multifocal peripheral lower-zone opacities typical of covid-19"],
-}
-NO_COVID_PROMPTS = ["no findings of covid-19 pneumonia", "no bilateral peripheral ground-glass opacities"]
 
 
 def read_label_file(path: Path) -> pd.DataFrame:
@@ -115,10 +108,8 @@ class Covidx(Adapter):
     @cached_property
     def task(self) -> Task:
         if self.vocabulary == "3-class":
-            labels = list(VOCABULARIES["3-class"])
-            return Task(labels=labels, multilabel=False, metric="acc", prompts={c: CLASS_PROMPTS[c] for c in labels})
-        return Task(labels=["COVID-19"], multilabel=True, metric="auc",
-                    prompts={"COVID-19": CLASS_PROMPTS["COVID-19"]}, negative_prompts={"COVID-19": NO_COVID_PROMPTS})
+            return Task(labels=list(VOCABULARIES["3-class"]), multilabel=False, metric="acc")
+        return Task(labels=["COVID-19"], multilabel=True, metric="auc")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         labels = self.task.labels

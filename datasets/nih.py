@@ -34,8 +34,6 @@ from bench.errors import UserError
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
           "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
-NAMES = {"Effusion": "pleural effusion", "Pleural_Thickening": "pleural thickening", "Mass": "lung mass",
-         "Nodule": "lung nodule", "Hernia": "hiatal hernia"}
 NO_FINDING = "No Finding"
 METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 REQUIRED = ["Image Index", "Finding Labels", "Patient ID"]
@@ -76,7 +74,7 @@ def read_list(path: Path) -> set[str]:
 class Nih(Adapter):
     name = "nih"
     description = "NIH ChestX-ray14: 14 findings from report NLP, multi-label AUROC"
-    task = finding_task(LABELS, "auc", NAMES)
+    task = finding_task(LABELS, "auc")  # zero-shot names ("lung mass", ...): bench/prompt_sets/*.yaml
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         metadata = self.cfg.get("metadata")

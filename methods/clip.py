@@ -38,8 +38,8 @@ class CLIP(Method):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_tower(images)[0]
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.encode_image(images)), dim=-1)
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(features), dim=-1)
 
     def embed_text(self, text: TextBatch) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(text)[0]), dim=-1)

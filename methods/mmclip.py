@@ -104,9 +104,9 @@ class MMCLIP(Method):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_tower(images)[0]
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
         self._require_joint_space()
-        return F.normalize(self.image_proj(self.encode_image(images)), dim=-1)
+        return F.normalize(self.image_proj(features), dim=-1)
 
     def embed_text(self, text: TextBatch) -> torch.Tensor:
         self._require_joint_space()

@@ -12,6 +12,7 @@ from bench.datasets.nih import LABELS as NIH_LABELS
 from bench.datasets.nih import Nih
 from bench.errors import UserError
 from bench.images import read_image
+from bench.prompt_sets import get_prompt_set
 from bench.synth.png_writers import (
     covidx_class,
     covidx_image,
@@ -95,7 +96,7 @@ def test_covidx_three_class_manifest(covidx3):
     task = adapter.task
     assert (task.labels, task.multilabel, task.metric, task.kind) == (["normal", "pneumonia", "COVID-19"], False,
                                                                        "acc", "multi-class")
-    assert set(task.prompts) == set(task.labels)
+    assert set(get_prompt_set("chexzero").for_task("covidx", task.labels)) == set(task.labels)
     manifest = adapter.read()
     train, test = _labels(covidx3 / "train_COVIDx9A.txt"), _labels(covidx3 / "test_COVIDx9A.txt")
     assert len(manifest) == len(train) + len(test)  # the first line of each file is an image, not a header
@@ -116,7 +117,7 @@ def test_covidx_three_class_manifest(covidx3):
 def test_covidx_binary_manifest(covidx2):
     adapter = Covidx(covidx2)
     assert (adapter.task.labels, adapter.task.kind, adapter.task.metric) == (["COVID-19"], "binary", "auc")
-    assert adapter.task.negative_prompts["COVID-19"]
+    assert get_prompt_set("chexzero").for_task("covidx", adapter.task.labels)["COVID-19"].negative
     manifest = adapter.read()
     for split in ("train", "val", "test"):
         df = _labels(covidx2 / f"{split}.txt")
@@ -237,8 +238,9 @@ def test_nih_manifest_labels_and_images_are_what_was_drawn(nih):
     adapter = Nih(nih)
     task = adapter.task
     assert (task.labels, task.kind, task.metric) == (NIH_LABELS, "multi-label", "auc")
-    assert task.prompts["Pleural_Thickening"] == ["pleural thickening"]
-    assert task.negative_prompts["Effusion"] == ["no pleural effusion"]
+    prompts = get_prompt_set("chexzero").for_task("nih", task.labels)
+    assert prompts["Pleural_Thickening"].positive == ("pleural thickening",)
+    assert prompts["Effusion"].negative == ("no pleural effusion",)
     manifest = adapter.read()
     assert list(manifest.columns[:4]) == ["sample_id", "patient_id", "image_path", "split"]
     assert set(manifest["sex"]) == {"M", "F"}

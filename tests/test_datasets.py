@@ -10,6 +10,7 @@ from bench.datasets import adapter_names, get_adapter
 from bench.datasets.base import MANIFEST_COLUMNS, patients_in_several_splits
 from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
 from bench.errors import UserError
+from bench.prompt_sets import get_prompt_set, prompt_set_names
 from bench.synth import dataset_dir
 from tests_support import bench_cli
 
@@ -31,7 +32,9 @@ def test_every_adapter_yields_the_manifest_with_patient_disjoint_splits(data_hom
     assert set(np.unique(y)) <= {0.0, 1.0}
     if not task.multilabel and len(task.labels) > 1:  # single-label where it is evaluated
         assert (y[(manifest["split"] == "test").to_numpy()].sum(1) == 1).all()
-    assert task.metric in ("auc", "acc") and all(task.prompts.get(c) for c in task.labels)
+    assert task.metric in ("auc", "acc")
+    for prompt_set in map(get_prompt_set, prompt_set_names()):  # every label has prompts in every set
+        assert list(prompt_set.for_task(name, task.labels)) == task.labels
     assert all(p.exists() for p in map(__import__("pathlib").Path, manifest["image_path"]))
 
 

@@ -5,7 +5,7 @@ import torch
 
 from bench.cli import main
 from bench.config import ablation_names, ablation_parameters, compose_config, to_plain
-from bench.pipeline import build_corpus, build_method, evaluate, pretrain
+from bench.pipeline import build_corpus, build_method, evaluate, pretrain, subject_of_run
 from bench.results import ResultsStore
 from bench.towers import TextBatch
 
@@ -166,8 +166,8 @@ def test_a_method_without_a_joint_space_skips_zero_shot(tiny_cfg):
                                  "eval.protocols=[zero-shot,linear-probe]"))
     store = ResultsStore(cfg.results_dir)
     method, final = pretrain(cfg, store, torch.device("cpu"))
-    written = evaluate(cfg, method, ("mrm", "none", "h"), final, store, torch.device("cpu"))
-    assert [r["protocol"] for r in store.records()] == ["linear-probe"] and len(written) == 1
+    summary = evaluate(cfg, method, subject_of_run(cfg, final), store, torch.device("cpu"))
+    assert [r["protocol"] for r in store.records()] == ["linear-probe"] and len(summary["written"]) == 1
 
 
 def test_bench_mask_json_for_a_report(data_home, capsys):

@@ -43,4 +43,4 @@ def test_exists_and_record_fields(tmp_path):
     store.write(key, {"metrics": {"auc": 0.9}}, pd.DataFrame({"sample_id": ["a"]}))
     assert store.exists(key)
     (rec,) = store.records()
-    assert rec["schema"] == 1 and rec["method"] == "clip" and rec["fraction"] == 1.0
+    assert rec["schema"] == 2 and rec["method"] == "clip" and rec["fraction"] == 1.0

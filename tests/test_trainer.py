@@ -21,12 +21,24 @@ def _weights(path):
 
 def test_weight_decay_skips_norms_biases_and_temperature(tiny_cfg):
     method = build_method(tiny_cfg(), 0)
-    decay, no_decay = param_groups(method, 0.05)
+    decay, no_decay = param_groups(method, 0.05, 1e-3)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 1e-3
     names = {id(p): n for n, p in method.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert "logit_scale" in skipped and any("ln" in n or "LayerNorm" in n for n in skipped)
     assert any(n.endswith("bias") for n in skipped)
+
+
+def test_lr_multipliers_scale_the_matching_parameters(tiny_cfg):
+    method = build_method(tiny_cfg(), 0)
+    method.lr_multipliers = lambda: {"image_tower.": 0.1, "image_tower.vit.conv1": 0.5}
+    groups = param_groups(method, 0.05, 1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            want = 5e-4 if name.startswith("image_tower.vit.conv1") else 1e-4 if name.startswith("image_tower.") else 1e-3
+            assert lr_of[id(p)] == pytest.approx(want), name
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -1,8 +1,32 @@
-"""Evaluation protocols: each takes a method, a dataset manifest and its task, and returns metrics,
-per-class metrics and per-sample predictions computed on the test split."""
+"""Evaluation protocols. Each takes an evaluation context (the model, one loaded dataset, the config, the
+device and the model's feature cache) and returns a ProtocolResult computed on the dataset's test split,
+with anything it fits fitted on train and anything it chooses chosen on val."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from bench.evaluation.features import FeatureCache
+from bench.evaluation.fine_tune import fine_tune
 from bench.evaluation.linear_probe import linear_probe
+from bench.evaluation.result import ProtocolResult
 from bench.evaluation.zero_shot import zero_shot
 
-PROTOCOLS = {"zero-shot": zero_shot, "linear-probe": linear_probe}
+PROTOCOLS = ("zero-shot", "linear-probe", "fine-tune")
+FROZEN = ("zero-shot", "linear-probe")  # read features from the cache; fine-tuning trains the encoder
+
+
+@dataclass
+class EvalContext:
+    method: torch.nn.Module
+    data: object  # bench.pipeline.LoadedDataset
+    cfg: DictConfig
+    device: torch.device
+    features: FeatureCache
+    num_workers: int = 0
+
+
+__all__ = ["PROTOCOLS", "FROZEN", "EvalContext", "FeatureCache", "ProtocolResult", "fine_tune", "linear_probe",
+           "zero_shot"]

@@ -1,66 +1,87 @@
-"""Linear probe: frozen image features and logistic regression fitted on a label fraction of train (its
-frozen id list), C chosen on the val split by the task's metric, reported on the test split. Multi-label
-and binary tasks fit one regression per class; multi-class tasks one multinomial regression."""
+"""Linear probe: logistic regression on frozen image features of a label fraction of train (its frozen id
+list), the regularisation C chosen on the val split by the task's metric, decision thresholds chosen on val,
+reported on the test split. Binary and multi-label tasks fit one regression per class, multi-class tasks one
+multinomial regression. Features come from the model's feature cache, so fractions and seeds cost a fit,
+not an encoder pass."""
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from bench.errors import UserError
-from bench.evaluation.features import image_outputs, predictions_frame
-from bench.method import Method
+from bench.evaluation.result import ProtocolResult, val_thresholds
 from bench.metrics import task_metrics
 
 
-def _fit_predict(x_train, y_train, x_eval, c: float, max_iter: int, seed: int, multiclass: bool) -> np.ndarray:
+def _fit_predict(x_train, y_train, x_evals: list[np.ndarray], c: float, max_iter: int, seed: int,
+                 multiclass: bool) -> list[np.ndarray]:
     def fit(y: np.ndarray) -> LogisticRegression:
         clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             return clf.fit(x_train, y)
 
-    scores = np.zeros((len(x_eval), y_train.shape[1]))
+    outs = [np.zeros((len(x), y_train.shape[1])) for x in x_evals]
     if multiclass:
         clf = fit(y_train.argmax(1))
-        scores[:, clf.classes_] = clf.predict_proba(x_eval)
-        return scores
+        for out, x in zip(outs, x_evals):
+            out[:, clf.classes_] = clf.predict_proba(x)
+        return outs
     for j in range(y_train.shape[1]):
         if len(np.unique(y_train[:, j])) < 2:  # a class absent from train: no information, constant score
-            scores[:, j] = y_train[0, j]
+            for out in outs:
+                out[:, j] = y_train[0, j]
             continue
-        scores[:, j] = fit(y_train[:, j]).predict_proba(x_eval)[:, 1]
-    return scores
+        clf = fit(y_train[:, j])
+        for out, x in zip(outs, x_evals):
+            out[:, j] = clf.predict_proba(x)[:, 1]
+    return outs
 
 
-def linear_probe(method: Method, data, cfg, device: torch.device, num_workers: int = 0) -> dict:
-    lp, task = cfg.eval.linear_probe, data.task
-    parts = {"train": data.rows("train", float(lp.fraction)), "val": data.rows("val"),
-             "test": data.rows("test")}
-    for split, rows in parts.items():
-        if rows.empty:
+def train_subset(ctx, fraction: float, seed: int):
+    """The train rows of a label fraction: the frozen shared list, or the seed's own with
+    `eval.fraction_subsets: per-seed`."""
+    mode = ctx.cfg.eval.fraction_subsets
+    if mode not in ("fixed", "per-seed"):
+        raise UserError(f"eval.fraction_subsets must be fixed or per-seed, got {mode!r}")
+    return ctx.data.rows("train", fraction, seed if mode == "per-seed" and fraction < 1 else None)
+
+
+def linear_probe(ctx, fraction: float, seed: int) -> ProtocolResult:
+    lp, task, data = ctx.cfg.eval.linear_probe, ctx.data.task, ctx.data
+    parts, feats = {}, {}
+    for split in ("train", "val", "test"):
+        parts[split], feats[split] = ctx.features.get(ctx.method, data, split)
+        if parts[split].empty:
             raise UserError(f"linear probe: the {split} split of {data.name} is empty")
-    multiclass = not task.multilabel and len(task.labels) > 1
+    subset = train_subset(ctx, fraction, seed)
+    index = {sid: i for i, sid in enumerate(parts["train"]["sample_id"])}
+    missing = [sid for sid in subset["sample_id"] if sid not in index]
+    if missing:
+        raise UserError(f"linear probe: {len(missing)} sample(s) of {data.name}'s {fraction:g} train fraction are "
+                        f"not in its train split (e.g. {missing[0]})")
+    parts["train"] = subset
+    feats["train"] = feats["train"][[index[sid] for sid in subset["sample_id"]]]
+    multiclass = task.kind == "multi-class"
     y = {s: rows[task.labels].to_numpy(dtype=float) for s, rows in parts.items()}
     if multiclass and not (y["train"].sum(1) == 1).all():
         raise UserError(f"linear probe: {data.name}'s train split is not single-label, so it cannot train "
                         f"its multi-class task (evaluate it zero-shot)")
-    feats = {s: image_outputs(method, rows, method.encode_image, data.preprocessor(augment=False), data.cache,
-                              cfg.eval.batch_size, device, num_workers) for s, rows in parts.items()}
+    started = time.perf_counter()
     scaler = StandardScaler().fit(feats["train"])
     x = {s: scaler.transform(f) for s, f in feats.items()}
-    fit = dict(max_iter=int(lp.max_iter), seed=int(cfg.eval.seed), multiclass=multiclass)
+    fit = dict(max_iter=int(lp.max_iter), seed=int(seed), multiclass=multiclass)
     val_metric = {}
     for c in lp.c_grid:
-        val_scores = _fit_predict(x["train"], y["train"], x["val"], float(c), **fit)
-        val_metric[float(c)] = task_metrics(multiclass, y["val"], val_scores, task.labels)[0][task.metric]
+        (val_scores,) = _fit_predict(x["train"], y["train"], [x["val"]], float(c), **fit)
+        val_metric[float(c)] = task_metrics(task.kind, y["val"], val_scores, task.labels)[0][task.metric]
     best_c = max(val_metric, key=lambda c: (np.nan_to_num(val_metric[c], nan=-1.0), -c))
-    scores = _fit_predict(x["train"], y["train"], x["test"], best_c, **fit)
-    metrics, per_class = task_metrics(multiclass, y["test"], scores, task.labels)
-    return {"metrics": metrics, "per_class": per_class, "n_test": len(parts["test"]),
-            "predictions": predictions_frame(parts["test"], task, y["test"], scores),
-            "chosen": {"C": best_c, f"val_{task.metric}_by_C": val_metric, "n_train": len(parts["train"])}}
+    val_scores, scores = _fit_predict(x["train"], y["train"], [x["val"], x["test"]], best_c, **fit)
+    chosen = {"C": best_c, f"val_{task.metric}_by_C": val_metric, "n_train": len(parts["train"])}
+    return ProtocolResult(task, parts["test"], y["test"], scores, val_thresholds(task, y["val"], val_scores),
+                          chosen, timing={"fit_s": time.perf_counter() - started})

@@ -1,0 +1,62 @@
+"""What every protocol hands back, and how it becomes a record's numbers: metrics over the whole test split,
+thresholds from validation only, bootstrap CIs over test samples, per-sample predictions."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from bench.datasets.base import Task
+from bench.evaluation.features import predictions_frame
+from bench.metrics import choose_thresholds, task_metrics
+from bench.stats import bootstrap
+
+
+def val_thresholds(task: Task, y_val: np.ndarray, scores_val: np.ndarray) -> np.ndarray | None:
+    """Per-class decision thresholds chosen on validation (max F1) for binary and multi-label tasks; None
+    for multi-class tasks (arg-max) or without validation samples."""
+    if task.kind == "multi-class" or len(y_val) == 0:
+        return None
+    return choose_thresholds(y_val, scores_val)
+
+
+def ids_sha256(ids) -> str:
+    """Identifies a test set (and its order): paired comparisons need the same one on both sides."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
+
+
+@dataclass
+class ProtocolResult:
+    task: Task
+    test_rows: pd.DataFrame
+    y: np.ndarray  # test truth, (n, classes)
+    scores: np.ndarray  # test scores, (n, classes)
+    thresholds: np.ndarray | None  # from validation
+    chosen: dict[str, Any] = field(default_factory=dict)  # what the protocol chose on validation
+    extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific record fields
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def numbers(self, boot: DictConfig) -> dict:
+        """The record's metrics, per-class metrics and bootstrap (CIs and replicates, as lists)."""
+        labels = self.task.labels
+        metrics, per_class = task_metrics(self.task.kind, self.y, self.scores, labels, self.thresholds)
+        draws = bootstrap(self.task.kind, self.y, self.scores, self.thresholds, int(boot.resamples),
+                          int(boot.seed), float(boot.confidence))
+        chosen = dict(self.chosen)
+        if self.thresholds is not None:
+            chosen["thresholds"] = {c: float(t) for c, t in zip(labels, self.thresholds)}
+        return {
+            "metrics": metrics, "per_class": per_class, "n_test": len(self.y), "chosen": chosen,
+            "bootstrap": {"resamples": draws["resamples"], "seed": draws["seed"], "confidence": draws["confidence"],
+                          "test_ids_sha256": ids_sha256(self.test_rows["sample_id"]),
+                          "ci": draws["ci"],
+                          "replicates": {k: [round(float(v), 6) for v in r] for k, r in draws["replicates"].items()}},
+            **self.extra,
+        }
+
+    def predictions(self) -> pd.DataFrame:
+        return predictions_frame(self.test_rows, self.task, self.y, self.scores)
