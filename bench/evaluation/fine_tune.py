@@ -18,10 +18,9 @@ from torch import nn
 
 from bench.corpus import MixedBatchSampler
 from bench.data import LabelledImageDataset, collate_labelled
-from bench.errors import UserError
 from bench.evaluation.features import image_outputs
 from bench.evaluation.linear_probe import train_subset
-from bench.evaluation.result import ProtocolResult, val_thresholds
+from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
 from bench.io import atomic_torch_save
 from bench.method import StepOutput
 from bench.metrics import task_metrics
@@ -102,14 +101,8 @@ class EarlyStopping:
 def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
     ft, task, data = ctx.cfg.eval.fine_tune, ctx.data.task, ctx.data
     parts = {"train": train_subset(ctx, fraction, seed), "val": data.rows("val"), "test": data.rows("test")}
-    for split, rows in parts.items():
-        if rows.empty:
-            raise UserError(f"fine-tune: the {split} split of {data.name} is empty")
+    y = split_labels(task, parts, "fine-tune", data.name)
     multiclass = task.kind == "multi-class"
-    y = {s: rows[task.labels].to_numpy(dtype=float) for s, rows in parts.items()}
-    if multiclass and not (y["train"].sum(1) == 1).all():
-        raise UserError(f"fine-tune: {data.name}'s train split is not single-label, so it cannot train its "
-                        f"multi-class task")
     started = time.perf_counter()
     image = data.image_cfg
     probe = torch.zeros(1, image.get("channels", 3), image.image_size, image.image_size, device=ctx.device)

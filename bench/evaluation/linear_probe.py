@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from bench.errors import UserError
-from bench.evaluation.result import ProtocolResult, val_thresholds
+from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
 from bench.metrics import task_metrics
 
 
@@ -57,8 +57,6 @@ def linear_probe(ctx, fraction: float, seed: int) -> ProtocolResult:
     parts, feats = {}, {}
     for split in ("train", "val", "test"):
         parts[split], feats[split] = ctx.features.get(ctx.method, data, split)
-        if parts[split].empty:
-            raise UserError(f"linear probe: the {split} split of {data.name} is empty")
     subset = train_subset(ctx, fraction, seed)
     index = {sid: i for i, sid in enumerate(parts["train"]["sample_id"])}
     missing = [sid for sid in subset["sample_id"] if sid not in index]
@@ -67,11 +65,8 @@ def linear_probe(ctx, fraction: float, seed: int) -> ProtocolResult:
                         f"not in its train split (e.g. {missing[0]})")
     parts["train"] = subset
     feats["train"] = feats["train"][[index[sid] for sid in subset["sample_id"]]]
+    y = split_labels(task, parts, "linear probe", data.name)
     multiclass = task.kind == "multi-class"
-    y = {s: rows[task.labels].to_numpy(dtype=float) for s, rows in parts.items()}
-    if multiclass and not (y["train"].sum(1) == 1).all():
-        raise UserError(f"linear probe: {data.name}'s train split is not single-label, so it cannot train "
-                        f"its multi-class task (evaluate it zero-shot)")
     started = time.perf_counter()
     scaler = StandardScaler().fit(feats["train"])
     x = {s: scaler.transform(f) for s, f in feats.items()}

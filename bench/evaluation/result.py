@@ -11,6 +11,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from bench.datasets.base import Task
+from bench.errors import UserError
 from bench.evaluation.features import predictions_frame
 from bench.metrics import choose_thresholds, task_metrics
 from bench.stats import bootstrap
@@ -22,6 +23,19 @@ def val_thresholds(task: Task, y_val: np.ndarray, scores_val: np.ndarray) -> np.
     if task.kind == "multi-class" or len(y_val) == 0:
         return None
     return choose_thresholds(y_val, scores_val)
+
+
+def split_labels(task: Task, parts: dict[str, pd.DataFrame], protocol: str, dataset: str) -> dict[str, np.ndarray]:
+    """Each split's label array, once every split is known to have rows and a multi-class task's training
+    rows to be single-label."""
+    for split, rows in parts.items():
+        if rows.empty:
+            raise UserError(f"{protocol}: the {split} split of {dataset} is empty")
+    y = {split: rows[task.labels].to_numpy(dtype=float) for split, rows in parts.items()}
+    if task.kind == "multi-class" and not (y["train"].sum(1) == 1).all():
+        raise UserError(f"{protocol}: {dataset}'s train split is not single-label, so it cannot train its "
+                        f"multi-class task (evaluate it zero-shot)")
+    return y
 
 
 def ids_sha256(ids) -> str:
