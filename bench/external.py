@@ -18,7 +18,6 @@ a file that needs arbitrary unpickling is refused rather than executed.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench.errors import UserError
+from bench.io import file_sha256
 from bench.towers import TextBatch
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -80,14 +80,6 @@ def _mismatch_summary(text: str) -> str:
             keys = re.findall(r'"([^"]+)"', found.group(1))
             parts.append(f"{len(keys)} {kind.lower()} key(s) (first: {keys[0] if keys else '?'})")
     return "; ".join(parts) or _one_line(text)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _open_clip():
@@ -333,8 +325,8 @@ def load_external(spec: str, model_config: str | None = None, device: str = "cpu
         "spec": spec,
         "model": source.model,
         "pretrained": source.pretrained,
-        "sha256": _sha256(source.weights_file) if source.weights_file is not None else None,
-        "config_sha256": _sha256(source.config_file) if source.config_file is not None else None,
+        "sha256": file_sha256(source.weights_file) if source.weights_file is not None else None,
+        "config_sha256": file_sha256(source.config_file) if source.config_file is not None else None,
     }
     return ExternalCLIP(model, OpenCLIPTokenizer(tokenizer, context_length, vocab_size), _display_name(source),
                         identity, image_cfg)

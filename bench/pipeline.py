@@ -2,7 +2,6 @@
 records. Each link skips what is already finished, so re-running the same command after a kill resumes."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from bench.errors import UserError
 from bench.evaluation import PROTOCOLS, EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
 from bench.evaluation.fine_tune import remove_weights
 from bench.images import ImageCache, usable
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, file_sha256
 from bench.method import Method
 from bench.prompts import check_templates, label_prompt
 from bench.provenance import device_info, git_state, library_versions
@@ -175,14 +174,6 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tupl
         trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
     return method.to(device), final
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class FeatureCache:
         nor disk has them for exactly these rows and this preprocessing."""
         rows = data.rows(split)
         preprocess = data.preprocessor(augment=False)
-        meta = {"ids_sha256": hashlib.sha256("\n".join(map(str, rows["sample_id"])).encode()).hexdigest(),
+        meta = {"ids_sha256": ids_sha256(rows["sample_id"]),
                 "image": {"size": preprocess.size, "mean": preprocess.mean, "std": preprocess.std,
                           "channels": preprocess.channels}}
         key = (data.name, split, json.dumps(meta, sort_keys=True, default=str))
@@ -96,6 +96,11 @@ class FeatureCache:
         if path is not None:
             atomic_write(path, lambda fh: np.savez(fh, features=features,
                                                    meta=np.array(json.dumps(meta, sort_keys=True, default=str))))
+
+
+def ids_sha256(ids) -> str:
+    """Identifies a list of samples in its order (a test set: paired comparisons need the same one)."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
 
 
 def predictions_frame(rows: pd.DataFrame, task: Task, y: np.ndarray, scores: np.ndarray) -> pd.DataFrame:

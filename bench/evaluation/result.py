@@ -2,7 +2,6 @@
 thresholds from validation only, bootstrap CIs over test samples, per-sample predictions."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +11,7 @@ from omegaconf import DictConfig
 
 from bench.datasets.base import Task
 from bench.errors import UserError
-from bench.evaluation.features import predictions_frame
+from bench.evaluation.features import ids_sha256, predictions_frame
 from bench.metrics import choose_thresholds, task_metrics
 from bench.stats import bootstrap
 
@@ -36,11 +35,6 @@ def split_labels(task: Task, parts: dict[str, pd.DataFrame], protocol: str, data
         raise UserError(f"{protocol}: {dataset}'s train split is not single-label, so it cannot train its "
                         f"multi-class task (evaluate it zero-shot)")
     return y
-
-
-def ids_sha256(ids) -> str:
-    """Identifies a test set (and its order): paired comparisons need the same one on both sides."""
-    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
 
 
 @dataclass
