@@ -76,6 +76,15 @@ class Method(nn.Module):
         self.cfg = cfg
         self.tokenizer = Tokenizer(cfg.model.text.tokenizer, cfg.model.text.max_length)
 
+    @classmethod
+    def has_joint_space(cls, cfg: DictConfig) -> bool:
+        """Whether the method configured by `cfg` has a joint space, known before building it (for plans)."""
+        return cls.joint_space
+
+    def forward(self, batch: Batch) -> StepOutput:
+        # DDP hooks into forward(), so the wrapped model's call is the training step
+        return self.training_step(batch)
+
     def training_step(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
 

@@ -32,7 +32,7 @@ from bench.provenance import device_info, git_state, library_versions
 from bench.registry import get_method
 from bench.results import RecordKey, ResultsStore
 from bench.splits import SplitFiles, fraction_file, materialise
-from bench.trainer import Trainer, resolve_device, seed_everything
+from bench.trainer import Trainer, Validation, resolve_device, seed_everything
 
 RANDOM_INIT = "random-init"
 
@@ -159,7 +159,10 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
     return corpus, sampler, corpus_summary(corpus.pools, per_batch)
 
 
-def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tuple[Method, Path]:
+def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device, validation: Validation | None = None
+             ) -> tuple[Method, Path]:
+    """Train (or resume, or reuse) the run of `cfg`; `validation` is called after every epoch (a sweep reports
+    to its pruner there) and does not change what is trained."""
     phash = pretrain_hash(cfg)
     run_dir = store.run_dir(cfg.method.name, cfg.ablation, phash, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +174,7 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device) -> tupl
         atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
         method.prepare(corpus)
         trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress, cfg.runtime.num_workers)
-        trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed)
+        trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed, validation)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
     return method.to(device), final
 
@@ -202,62 +205,75 @@ def evaluation_jobs(cfg: DictConfig, protocol: str) -> list[tuple[float, int]]:
     return [(f, s) for f in fractions for s in seeds]
 
 
-def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsStore, device: torch.device,
-             force: bool = False) -> dict:
-    """Every configured dataset x protocol x fraction x seed for one model; finished records are skipped
-    unless `force`. Returns the written record paths and where the time went."""
+def evaluation_protocols(cfg: DictConfig, joint_space: bool) -> list[str]:
+    """The configured protocols this model can be evaluated with (zero-shot needs a joint space)."""
     unknown = [p for p in cfg.eval.protocols if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"unknown protocol(s) {', '.join(unknown)}; valid protocols: {', '.join(PROTOCOLS)}")
-    protocols = list(cfg.eval.protocols)
-    if "zero-shot" in protocols and not method.joint_space:
+    return [p for p in cfg.eval.protocols if joint_space or p != "zero-shot"]
+
+
+def evaluation_plan(cfg: DictConfig, subject: Subject, joint_space: bool) -> list[RecordKey]:
+    """The record of every configured dataset x protocol x fraction x seed of one model, in the order they run;
+    known without the model's weights, so a plan can count what is left before anything is trained."""
+    keys = []
+    for dataset in cfg.eval.datasets:
+        get_adapter(dataset)
+        for protocol in evaluation_protocols(cfg, joint_space):
+            for fraction, seed in evaluation_jobs(cfg, protocol):
+                keys.append(RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
+                                      dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset)))
+    return keys
+
+
+def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsStore, device: torch.device,
+             force: bool = False, provenance: dict | None = None) -> dict:
+    """Every configured dataset x protocol x fraction x seed for one model; finished records are skipped
+    unless `force`. `provenance` is added to every record (e.g. the sweep a model came from). Returns the
+    written record paths and where the time went."""
+    if "zero-shot" in cfg.eval.protocols and not method.joint_space:
         print(f"bench: {subject.method} has no joint image-text space; zero-shot is not evaluated", file=sys.stderr)
-        protocols.remove("zero-shot")
     workers = int(cfg.runtime.num_workers)
     features = FeatureCache(store.root / "features" / subject.feature_key if cfg.eval.cache_features else None,
                             int(cfg.eval.batch_size), device, workers)
     written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
-    for dataset in cfg.eval.datasets:
-        get_adapter(dataset)
-        data = None
-        for protocol in protocols:
-            for fraction, seed in evaluation_jobs(cfg, protocol):
-                key = RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
-                                dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset))
-                if store.exists(key) and not force:
-                    continue
-                if data is None:
-                    data = load_dataset(cfg, dataset)
-                data.splits.used.clear()
-                data.skipped.clear()
-                started, encoded = time.perf_counter(), features.seconds
-                ctx = EvalContext(method, data, cfg, device, features, workers)
-                if protocol == "zero-shot":
-                    result = zero_shot(ctx)
-                elif protocol == "linear-probe":
-                    result = linear_probe(ctx, fraction, seed)
-                else:
-                    run_dir = store.root / "finetune" / key.method / key.stem
-                    result = fine_tune(ctx, fraction, seed, run_dir)
-                boot_started = time.perf_counter()
-                numbers = result.numbers(cfg.eval.bootstrap)
-                spent = {"encode_s": features.seconds - encoded, **result.timing,
-                         "bootstrap_s": time.perf_counter() - boot_started, "total_s": time.perf_counter() - started}
-                task = data.task
-                record = {
-                    **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
-                    "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
-                    "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
-                               "unreadable_skipped": dict(data.skipped)},
-                    "git": git_state(), "libraries": library_versions(), "device": device_info(device),
-                    "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
-                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                }
-                written.append(store.write(key, record, result.predictions()))
-                if protocol == "fine-tune" and not cfg.eval.fine_tune.keep_weights:
-                    remove_weights(run_dir)
-                for k, v in spent.items():
-                    timing[k] = timing.get(k, 0.0) + v
+    loaded: dict[str, LoadedDataset] = {}
+    for key in evaluation_plan(cfg, subject, method.joint_space):
+        if store.exists(key) and not force:
+            continue
+        if key.dataset not in loaded:
+            loaded[key.dataset] = load_dataset(cfg, key.dataset)
+        data = loaded[key.dataset]
+        data.splits.used.clear()
+        data.skipped.clear()
+        started, encoded = time.perf_counter(), features.seconds
+        ctx = EvalContext(method, data, cfg, device, features, workers)
+        if key.protocol == "zero-shot":
+            result = zero_shot(ctx)
+        elif key.protocol == "linear-probe":
+            result = linear_probe(ctx, key.fraction, key.eval_seed)
+        else:
+            run_dir = store.root / "finetune" / key.method / key.stem
+            result = fine_tune(ctx, key.fraction, key.eval_seed, run_dir)
+        boot_started = time.perf_counter()
+        numbers = result.numbers(cfg.eval.bootstrap)
+        spent = {"encode_s": features.seconds - encoded, **result.timing,
+                 "bootstrap_s": time.perf_counter() - boot_started, "total_s": time.perf_counter() - started}
+        task = data.task
+        record = {
+            **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
+            "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
+            "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
+                       "unreadable_skipped": dict(data.skipped)},
+            "git": git_state(), "libraries": library_versions(), "device": device_info(device),
+            "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {}),
+        }
+        written.append(store.write(key, record, result.predictions()))
+        if key.protocol == "fine-tune" and not cfg.eval.fine_tune.keep_weights:
+            remove_weights(run_dir)
+        for k, v in spent.items():
+            timing[k] = timing.get(k, 0.0) + v
     return {"written": written, "timing": timing, "encoder_passes": dict(features.encoded)}
 
 

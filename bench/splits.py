@@ -28,6 +28,10 @@ DEFAULT_FRACTIONS = (0.01, 0.1)
 SUMS = "SHA256SUMS"
 
 
+class SealedSplit(UserError):
+    """A sealed split (the test split during a sweep) was asked for."""
+
+
 def fraction_file(fraction: float, subset_seed: int | None = None) -> str:
     """`train_10.txt` for 10% (the fixed subset every seed shares), `train_10_seed3.txt` for seed 3's own."""
     if not 0 < fraction <= 1:
@@ -69,12 +73,14 @@ def fraction_ids(train: pd.DataFrame, task: Task, fraction: float, seed: int = F
 
 @dataclass
 class SplitFiles:
-    """The split files of one manifest, and a log of which of them an evaluation used."""
+    """The split files of one manifest, and a log of which of them an evaluation used. A split in `sealed`
+    cannot be read at all (a sweep seals `test`, so tuning never sees it)."""
 
     directory: Path
     manifest: pd.DataFrame
     task: Task
     used: dict[str, str] = field(default_factory=dict)
+    sealed: frozenset[str] = frozenset()
 
     def _sums(self) -> dict[str, str]:
         path = self.directory / SUMS
@@ -112,6 +118,9 @@ class SplitFiles:
         that seed's own subset, written on first use), in manifest order."""
         if split != "train" and fraction != 1.0:
             raise ValueError("fractions apply to the train split only")
+        if split in self.sealed:
+            raise SealedSplit(f"the {split} split of {self.directory.parent.name} is sealed here (a sweep tunes on "
+                              f"validation only); evaluate on it with `bench sweep --finalize`")
         name = fraction_file(fraction, subset_seed) if split == "train" else f"{split}.txt"
         train = self.manifest[self.manifest["split"] == "train"]
         seed = FRACTION_SEED if subset_seed is None else subset_seed

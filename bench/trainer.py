@@ -155,7 +155,11 @@ class Trainer:
                         bar.set_postfix(loss=f"{parts['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
                     end_of_epoch = step % steps_per_epoch == 0
                     if validation is not None and end_of_epoch:
+                        # the check must not move the random streams training draws from (dropout, masks), so
+                        # a run with a validation hook trains exactly as one without it
+                        rng = _rng_state()
                         validation(method, epoch)
+                        _set_rng_state(rng)
                     if step % cfg.checkpoint_every == 0 or step == total or (validation is not None and end_of_epoch):
                         self._save(method, optimizer, schedule, step, validation)
                     if step >= total or (validation is not None and validation.stop):

@@ -56,7 +56,7 @@ class MMCLIP(Method):
         self.itc = bool(m.contrastive)
         self.mim = bool(m.image_masking.enabled)
         self.mlm = bool(m.text_masking.enabled)
-        self.joint_space = self.itc
+        self.joint_space = self.has_joint_space(cfg)
         if not (self.itc or self.mim or self.mlm):
             raise UserError(f"method {m.name}: contrastive, image_masking and text_masking are all off; "
                             f"nothing would be trained")
@@ -101,6 +101,10 @@ class MMCLIP(Method):
         mask_counts(self.image_tower.num_patches, im.mask_ratio, im.attention_share, im.min_visible)
 
     # --- what evaluators use -------------------------------------------------------------------------
+    @classmethod
+    def has_joint_space(cls, cfg: DictConfig) -> bool:
+        return bool(cfg.method.contrastive)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_tower(images)[0]
 

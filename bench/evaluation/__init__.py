@@ -1,6 +1,9 @@
 """Evaluation protocols. Each takes an evaluation context (the model, one loaded dataset, the config, the
 device and the model's feature cache) and returns a ProtocolResult computed on the dataset's test split,
-with anything it fits fitted on train and anything it chooses chosen on val."""
+with anything it fits fitted on train and anything it chooses chosen on val.
+
+A sweep sets `report_split` to `val`: the protocol then reports on the split it chooses on (the best
+validation value over its choices, the usual tuning objective) and never touches test."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ class EvalContext:
     device: torch.device
     features: FeatureCache
     num_workers: int = 0
+    report_split: str = "test"
 
 
 __all__ = ["PROTOCOLS", "FROZEN", "EvalContext", "FeatureCache", "ProtocolResult", "fine_tune", "linear_probe",

@@ -100,7 +100,8 @@ class EarlyStopping:
 
 def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
     ft, task, data = ctx.cfg.eval.fine_tune, ctx.data.task, ctx.data
-    parts = {"train": train_subset(ctx, fraction, seed), "val": data.rows("val"), "test": data.rows("test")}
+    report = ctx.report_split
+    parts = {"train": train_subset(ctx, fraction, seed), "val": data.rows("val"), report: data.rows(report)}
     y = split_labels(task, parts, "fine-tune", data.name)
     multiclass = task.kind == "multi-class"
     started = time.perf_counter()
@@ -130,12 +131,12 @@ def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
     stopper.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["validation"])
     model.load_state_dict(torch.load(run_dir / BEST, map_location=ctx.device, weights_only=False))
     scores = {s: image_outputs(model, parts[s], model.predict, data.preprocessor(augment=False), data.cache,
-                               int(ctx.cfg.eval.batch_size), ctx.device, ctx.num_workers) for s in ("val", "test")}
+                               int(ctx.cfg.eval.batch_size), ctx.device, ctx.num_workers) for s in dict.fromkeys(("val", report))}
     chosen = {"best_epoch": stopper.best_epoch, f"val_{task.metric}": stopper.best,
               f"val_{task.metric}_by_epoch": stopper.history, "epochs_run": len(stopper.history),
               "stopped_early": stopper.stop and len(stopper.history) < int(ft.epochs),
               "n_train": len(train), "batch_size": batch_size}
-    return ProtocolResult(task, parts["test"], y["test"], scores["test"],
+    return ProtocolResult(task, parts[report], y[report], scores[report],
                           val_thresholds(task, y["val"], scores["val"]), chosen,
                           timing={"fine_tune_s": time.perf_counter() - started})
 

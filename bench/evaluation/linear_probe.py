@@ -54,8 +54,8 @@ def train_subset(ctx, fraction: float, seed: int):
 
 def linear_probe(ctx, fraction: float, seed: int) -> ProtocolResult:
     lp, task, data = ctx.cfg.eval.linear_probe, ctx.data.task, ctx.data
-    parts, feats = {}, {}
-    for split in ("train", "val", "test"):
+    parts, feats, report = {}, {}, ctx.report_split
+    for split in dict.fromkeys(("train", "val", report)):
         parts[split], feats[split] = ctx.features.get(ctx.method, data, split)
     subset = train_subset(ctx, fraction, seed)
     index = {sid: i for i, sid in enumerate(parts["train"]["sample_id"])}
@@ -76,7 +76,7 @@ def linear_probe(ctx, fraction: float, seed: int) -> ProtocolResult:
         (val_scores,) = _fit_predict(x["train"], y["train"], [x["val"]], float(c), **fit)
         val_metric[float(c)] = task_metrics(task.kind, y["val"], val_scores, task.labels)[0][task.metric]
     best_c = max(val_metric, key=lambda c: (np.nan_to_num(val_metric[c], nan=-1.0), -c))
-    val_scores, scores = _fit_predict(x["train"], y["train"], [x["val"], x["test"]], best_c, **fit)
+    val_scores, scores = _fit_predict(x["train"], y["train"], [x["val"], x[report]], best_c, **fit)
     chosen = {"C": best_c, f"val_{task.metric}_by_C": val_metric, "n_train": len(parts["train"])}
-    return ProtocolResult(task, parts["test"], y["test"], scores, val_thresholds(task, y["val"], val_scores),
+    return ProtocolResult(task, parts[report], y[report], scores, val_thresholds(task, y["val"], val_scores),
                           chosen, timing={"fit_s": time.perf_counter() - started})

@@ -87,22 +87,22 @@ def zero_shot(ctx) -> ProtocolResult:
         raise UserError("eval.zero_shot.prompt_sets is empty: name at least one prompt set (see `bench list`)")
     sets = [get_prompt_set(str(name)) for name in zs.prompt_sets]
     prompts = {s.id: s.for_task(ctx.data.name, task.labels) for s in sets}  # every set checked before any work
-    split_rows, emb = {}, {}
-    for split in ("val", "test"):
+    split_rows, emb, report = {}, {}, ctx.report_split
+    for split in dict.fromkeys(("val", report)):
         split_rows[split], features = ctx.features.get(method, ctx.data, split)
         emb[split] = _joint_embeddings(method, features, ctx.device)
-    if split_rows["test"].empty:
-        raise UserError(f"zero-shot: the test split of {ctx.data.name} is empty")
+    if split_rows[report].empty:
+        raise UserError(f"zero-shot: the {report} split of {ctx.data.name} is empty")
     # the model's own temperature where it has one (CLIP's cap of 100 otherwise)
     scale = min(100.0, float(method.logit_scale.detach().exp())) if hasattr(method, "logit_scale") else 100.0
     y = {s: rows[task.labels].to_numpy(dtype=float) for s, rows in split_rows.items()}
     per_set, primary = {}, None
     for s in sets:
         scored = {split: class_scores(method, emb[split], prompts[s.id], task.labels, task.kind, zs.aggregate,
-                                      zs.mode, scale, ctx.device) for split in ("val", "test") if len(emb[split])}
+                                      zs.mode, scale, ctx.device) for split in emb if len(emb[split])}
         thresholds = val_thresholds(task, y["val"], scored["val"][0]) if "val" in scored else None
-        scores, how = scored["test"]
-        per_set[s.id] = task_metrics(task.kind, y["test"], scores, task.labels, thresholds)[0]
+        scores, how = scored[report]
+        per_set[s.id] = task_metrics(task.kind, y[report], scores, task.labels, thresholds)[0]
         if primary is None:
             primary = (scores, thresholds, how, s)
     scores, thresholds, how, first = primary
@@ -111,4 +111,4 @@ def zero_shot(ctx) -> ProtocolResult:
     if len(sets) > 1:
         extra["prompt_spread"] = _spread(per_set)
     chosen = {"scoring": how, "aggregate": zs.aggregate, "logit_scale": scale}
-    return ProtocolResult(task, split_rows["test"], y["test"], scores, thresholds, chosen, extra)
+    return ProtocolResult(task, split_rows[report], y[report], scores, thresholds, chosen, extra)
