@@ -25,6 +25,17 @@ def gather_ids(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def rank_weight(count: torch.Tensor) -> torch.Tensor | float:
+    """W x count / (count summed over ranks): scales a rank's mean over its own `count` items (masked tokens)
+    so that, once DDP averages the ranks' gradients, the result is the mean over the global batch's items.
+    1.0 in one process. Every rank must call it (it is a collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1.0
+    total = count.detach().float().clone()
+    dist.all_reduce(total)
+    return count.float() * dist.get_world_size() / total.clamp_min(1)
+
+
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
               groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised embeddings; positives are the aligned rows of the global batch.

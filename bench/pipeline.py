@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench import distributed
 from bench.config import (config_hash, corpus_sources, dataset_settings, eval_hash, pretrain_hash, stable_hash,
                           to_plain)
 from bench.corpus import MixedBatchSampler, Pool, PretrainCorpus, batch_composition, corpus_summary
@@ -154,7 +155,17 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
                          negatives=bool(p.negatives))
     preprocess = ImagePreprocessor(image.image_size, image.mean, image.std, True, image.get("channels", 3))
     corpus = PretrainCorpus(pools, preprocess, cache, seed, prompt)
-    per_batch = batch_composition(int(cfg.trainer.batch_size), to_plain(cfg.data.corpus.mix), corpus.sizes)
+    # trainer.batch_size is the global batch: under torchrun every rank gets the same share of every kind
+    batch_size, world = int(cfg.trainer.batch_size), distributed.world_size()
+    if batch_size % world:
+        raise UserError(f"trainer.batch_size={batch_size} is the global batch; it must be divisible by the "
+                        f"{world} processes")
+    mix = to_plain(cfg.data.corpus.mix)
+    per_batch = {k: world * n for k, n in batch_composition(batch_size // world, mix, corpus.sizes).items()}
+    alone = batch_composition(batch_size, mix, corpus.sizes)
+    if per_batch != alone and distributed.is_main():
+        print(f"bench: a batch over {world} processes holds {per_batch} (in one process it would be {alone}): "
+              f"each kind's count is rounded to a multiple of {world}", file=sys.stderr)
     sampler = MixedBatchSampler(corpus.sizes, per_batch, seed)
     return corpus, sampler, corpus_summary(corpus.pools, per_batch)
 
@@ -166,12 +177,15 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device, validat
     phash = pretrain_hash(cfg)
     run_dir = store.run_dir(cfg.method.name, cfg.ablation, phash, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if distributed.is_main():
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     method = build_method(cfg, cfg.seed)
     final = run_dir / "final.pt"
-    if not final.exists():
-        corpus, sampler, summary = build_corpus(cfg, cfg.seed)
-        atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
+    if not distributed.agree(final.exists()):
+        with distributed.main_first():  # rank 0 generates and decodes the data; the others then find it cached
+            corpus, sampler, summary = build_corpus(cfg, cfg.seed)
+        if distributed.is_main():
+            atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
         method.prepare(corpus)
         trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress, cfg.runtime.num_workers)
         trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed, validation)
@@ -230,7 +244,10 @@ def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsSt
              force: bool = False, provenance: dict | None = None) -> dict:
     """Every configured dataset x protocol x fraction x seed for one model; finished records are skipped
     unless `force`. `provenance` is added to every record (e.g. the sweep a model came from). Returns the
-    written record paths and where the time went."""
+    written record paths and where the time went.
+
+    Under torchrun every rank evaluates (fine-tuning trains one DDP model) and rank 0 writes the records."""
+    distributed.init_from_env()
     if "zero-shot" in cfg.eval.protocols and not method.joint_space:
         print(f"bench: {subject.method} has no joint image-text space; zero-shot is not evaluated", file=sys.stderr)
     workers = int(cfg.runtime.num_workers)
@@ -239,10 +256,11 @@ def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsSt
     written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
     loaded: dict[str, LoadedDataset] = {}
     for key in evaluation_plan(cfg, subject, method.joint_space):
-        if store.exists(key) and not force:
+        if distributed.agree(store.exists(key)) and not force:
             continue
         if key.dataset not in loaded:
-            loaded[key.dataset] = load_dataset(cfg, key.dataset)
+            with distributed.main_first():
+                loaded[key.dataset] = load_dataset(cfg, key.dataset)
         data = loaded[key.dataset]
         data.splits.used.clear()
         data.skipped.clear()
@@ -269,9 +287,12 @@ def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsSt
             "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {}),
         }
-        written.append(store.write(key, record, result.predictions()))
+        if distributed.is_main():
+            written.append(store.write(key, record, result.predictions()))
         if key.protocol == "fine-tune" and not cfg.eval.fine_tune.keep_weights:
-            remove_weights(run_dir)
+            distributed.barrier()  # every rank has loaded the fine-tuned weights before they go
+            if distributed.is_main():
+                remove_weights(run_dir)
         for k, v in spent.items():
             timing[k] = timing.get(k, 0.0) + v
     return {"written": written, "timing": timing, "encoder_passes": dict(features.encoded)}
@@ -352,6 +373,7 @@ def report_timing(subject: Subject, summary: dict) -> None:
 def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
     """Pretrain (or resume, or reuse) and evaluate; also evaluate the same architecture untrained."""
     quiet_libraries()
+    distributed.init_from_env()
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
     device = resolve_device(cfg.runtime.device)

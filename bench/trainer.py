@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from bench import distributed
 from bench.corpus import MixedBatchSampler, PretrainCorpus
 from bench.errors import TrainingDiverged, UserError
 from bench.io import atomic_torch_save
@@ -41,10 +45,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA where there is one; under torchrun each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"runtime.device={name} but no CUDA device is available")
+    if name == "cuda" and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -93,9 +100,10 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # a checkpoint loaded with map_location=cuda has its states on the GPU; the generators take CPU bytes
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class Trainer:
@@ -109,10 +117,13 @@ class Trainer:
             validation: Validation | None = None) -> Path:
         """Train until the configured end, resuming from `run_dir/checkpoint.pt` when present.
         With `validation`, it is called after every epoch (and checkpointed with the weights), and training
-        stops early once its `stop` is set. Returns the path of the final weights."""
+        stops early once its `stop` is set. Returns the path of the final weights.
+
+        Under torchrun every rank calls this with the same arguments: `sampler`'s batches are global, each
+        rank trains on its share of them, and only rank 0 writes files."""
         cfg = self.cfg
         final = self.run_dir / FINAL
-        if final.exists():
+        if distributed.agree(final.exists()):
             return final
         method.to(self.device)
         steps_per_epoch = len(sampler.batches()) // cfg.accumulate
@@ -122,34 +133,35 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, int(cfg.max_steps))
+        model = distributed.wrap(method, self.device)
+        if distributed.world_size() > 1:
+            # ranks must not draw the same masks and dropout; a single process keeps the stream it was given
+            seed_everything(distributed.seed_of_rank(seed))
         optimizer = torch.optim.AdamW(param_groups(method, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
                                       fused=self.device.type == "cuda")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(total, cfg.warmup_steps, cfg.min_lr_ratio))
         step = self._resume(method, optimizer, schedule, validation)
-        log = self._open_log(step)
-        bar = self._bar(total, step)
+        main = distributed.is_main()
+        log = self._open_log(step) if main else None
+        bar = self._bar(total, step) if main else None
         try:
             while step < total and not (validation is not None and validation.stop):
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 sampler.set_epoch(epoch, skip=in_epoch * cfg.accumulate)
                 dataset.set_epoch(epoch)
-                # a private generator: creating a loader must not draw from the global RNG, or a resumed
-                # run (which creates one mid-epoch) would drift from an uninterrupted one
-                loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                    num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                                    generator=torch.Generator().manual_seed(seed))
-                batches = iter(loader)
+                batches = iter(self.loader(dataset, sampler, collate, seed))
                 for _ in range(steps_per_epoch - in_epoch):
                     t0 = time.perf_counter()
-                    parts, n_images = self._optimizer_step(method, optimizer, batches, step)
+                    parts, n_images = self._optimizer_step(model, optimizer, batches, step)
                     schedule.step()
                     step += 1
                     seconds = time.perf_counter() - t0
                     row = {"step": step, "epoch": epoch, "lr": schedule.get_last_lr()[0],
                            "images_per_s": n_images / seconds, **parts}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{parts['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
@@ -160,49 +172,76 @@ class Trainer:
                         rng = _rng_state()
                         validation(method, epoch)
                         _set_rng_state(rng)
+                        # rank 0's verdict: a rank that stopped alone would leave the others waiting for it
+                        validation.stop = distributed.agree(validation.stop)
                     if step % cfg.checkpoint_every == 0 or step == total or (validation is not None and end_of_epoch):
                         self._save(method, optimizer, schedule, step, validation)
                     if step >= total or (validation is not None and validation.stop):
                         break
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             if bar is not None:
                 bar.close()
-        atomic_torch_save(final, {"model": method.state_dict(), "step": step})
+        if main:
+            atomic_torch_save(final, {"model": method.state_dict(), "step": step})
+        distributed.barrier()  # every rank reads the final (and checkpoint, best) weights next
         return final
 
-    def _optimizer_step(self, method: Method, optimizer, batches, step: int) -> tuple[dict, int]:
-        method.train()
+    def loader(self, dataset, sampler: MixedBatchSampler, collate, seed: int) -> DataLoader:
+        """This rank's share of `sampler`'s batches (all of each batch in a single process)."""
+        world = distributed.world_size()
+        batches = sampler if world == 1 else distributed.RankSlice(sampler, distributed.rank(), world)
+        # a private generator: creating a loader must not draw from the global RNG, or a resumed
+        # run (which creates one mid-epoch) would drift from an uninterrupted one
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+    def accumulate(self, model: torch.nn.Module, batches, step: int) -> tuple[dict, int]:
+        """Forward and backward of one optimiser step's micro-batches through `model` (the method, or its
+        DDP wrapper); returns the loss parts averaged over micro-batches and ranks, and the global number of
+        samples. The gradients are left in the parameters."""
+        model.train()
         totals: dict[str, float] = {}
         n_images = 0
-        for _ in range(self.cfg.accumulate):
+        for micro in range(self.cfg.accumulate):
             batch = next(batches).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                out = method.training_step(batch)
-            if not torch.isfinite(out.loss):
-                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
-                raise TrainingDiverged(
-                    f"loss became {float(out.loss.detach())} at step {step + 1} ({parts}); the last good checkpoint "
-                    f"is kept in {self.run_dir}. Lower trainer.lr or enable trainer.grad_clip")
-            (out.loss / self.cfg.accumulate).backward()
+            # DDP averages gradients over the ranks once, in the backward of an optimiser step's last micro-batch
+            last = micro == self.cfg.accumulate - 1
+            with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    out = model(batch)
+                if not torch.isfinite(out.loss):
+                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
+                    raise TrainingDiverged(
+                        f"loss became {float(out.loss.detach())} at step {step + 1} ({parts}); the last good "
+                        f"checkpoint is kept in {self.run_dir}. Lower trainer.lr or enable trainer.grad_clip")
+                (out.loss / self.cfg.accumulate).backward()
             n_images += len(batch)
             for k, v in {"loss": out.loss.detach(), **out.parts}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.accumulate
+        return distributed.mean_over_ranks(totals), n_images * distributed.world_size()
+
+    def _optimizer_step(self, model: torch.nn.Module, optimizer, batches, step: int) -> tuple[dict, int]:
+        totals, n_images = self.accumulate(model, batches, step)
         if self.cfg.grad_clip:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.grad_clip))
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return totals, n_images
 
     def _save(self, method: Method, optimizer, schedule, step: int, validation: Validation | None = None) -> None:
+        rng = distributed.gather(_rng_state())  # every rank's streams: a resumed rank continues its own
+        if not distributed.is_main():
+            return
         atomic_torch_save(self.run_dir / CHECKPOINT, {
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "step": step, "rng": _rng_state(), "validation": None if validation is None else validation.state_dict(),
+            "step": step, "rng": rng, "validation": None if validation is None else validation.state_dict(),
         })
 
     def _resume(self, method: Method, optimizer, schedule, validation: Validation | None = None) -> int:
         path = self.run_dir / CHECKPOINT
-        if not path.exists():
+        if not distributed.agree(path.exists()):
             return 0
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
@@ -211,7 +250,13 @@ class Trainer:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        _set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict before DDP support
+        if len(rng) == distributed.world_size():
+            _set_rng_state(rng[distributed.rank()])
+        elif distributed.is_main():
+            print(f"bench: {path} was written by {len(rng)} process(es), this run has {distributed.world_size()}: "
+                  f"training goes on from step {state['step']} with fresh random streams (masks, dropout)",
+                  file=sys.stderr)
         if validation is not None and state.get("validation") is not None:
             validation.load_state_dict(state["validation"])
         return int(state["step"])

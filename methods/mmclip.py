@@ -34,7 +34,7 @@ from torch import nn
 from bench.corpus import CorpusCollate
 from bench.decoders import ImageDecoder, TextDecoder, patchify
 from bench.errors import UserError
-from bench.losses import clip_loss
+from bench.losses import clip_loss, rank_weight
 from bench.methods.clip import add_joint_space
 from bench.masking import IGNORE, TextMasker, mask_counts, select_patches
 from bench.method import Batch, Method, StepOutput
@@ -200,8 +200,9 @@ class MMCLIP(Method):
             # the image tokens the text consults: the visible ones when the image is masked, else the whole image's
             image_tokens = visible if visible is not None else full[1] if full is not None else None
             targets = batch.mlm_labels != IGNORE
+            weight = rank_weight(targets.sum())  # ranks mask different numbers of tokens; weigh to the global mean
             if bool(targets.any()):
-                losses["mlm"] = self._mlm_loss(batch, masked_tokens, image_tokens, targets)
+                losses["mlm"] = weight * self._mlm_loss(batch, masked_tokens, image_tokens, targets)
             parts["masked_tokens"] = targets.float().sum().detach() / batch.masked_text.attention_mask.sum()
         if not losses:
             raise UserError(f"batch of {len(batch)} samples gave {self.cfg.method.name} nothing to learn from")

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from bench import distributed
 from bench.data import ImagePreprocessor, ImageTextDataset, collate_images
 from bench.datasets.base import Task
 from bench.images import ImageCache
@@ -93,7 +94,7 @@ class FeatureCache:
 
     def _save(self, dataset: str, split: str, meta: dict, features: np.ndarray) -> None:
         path = self._path(dataset, split)
-        if path is not None:
+        if path is not None and distributed.is_main():  # under torchrun every rank computes them; one writes
             atomic_write(path, lambda fh: np.savez(fh, features=features,
                                                    meta=np.array(json.dumps(meta, sort_keys=True, default=str))))
 

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from bench import distributed
 from bench.corpus import MixedBatchSampler
 from bench.data import LabelledImageDataset, collate_labelled
+from bench.errors import UserError
 from bench.evaluation.features import image_outputs
 from bench.evaluation.linear_probe import train_subset
 from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
@@ -31,7 +33,8 @@ BEST = "best.pt"
 
 class FineTuneModel(nn.Module):
     """A copy of a model's image encoder (the modules `encode_image` uses; the rest is frozen) and a linear
-    head. Speaks the trainer's side of the Method contract."""
+    head. Speaks the trainer's side of the Method contract: as for a Method, calling it is the training step
+    (DDP hooks into `forward`); `logits` and `predict` map images to outputs."""
 
     def __init__(self, method: nn.Module, n_classes: int, multiclass: bool, encoder_lr_multiplier: float,
                  probe: torch.Tensor):
@@ -46,15 +49,18 @@ class FineTuneModel(nn.Module):
         self.head = nn.Linear(width, n_classes)
         self.multiclass, self.multiplier = multiclass, float(encoder_lr_multiplier)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.encode_image(images))
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self(images).float()
+        logits = self.logits(images).float()
         return logits.softmax(-1) if self.multiclass else logits.sigmoid()
 
+    def forward(self, batch) -> StepOutput:
+        return self.training_step(batch)
+
     def training_step(self, batch) -> StepOutput:
-        logits = self(batch.images).float()
+        logits = self.logits(batch.images).float()
         if self.multiclass:
             loss = F.cross_entropy(logits, batch.labels.argmax(1))
             return StepOutput(loss, {"ce": loss.detach()})
@@ -70,24 +76,30 @@ class FineTuneModel(nn.Module):
 
 class EarlyStopping:
     """After each epoch: the validation metric; the best epoch's weights saved to `best.pt`; `stop` once
-    `patience` epochs in a row did not improve on the best (patience null: never stop early)."""
+    `patience` epochs in a row did not improve on the best (patience null: never stop early). Under torchrun
+    every rank scores the model and follows rank 0's score (GPU kernels may differ in the last bit), and
+    only rank 0 writes the weights."""
 
     def __init__(self, score, patience: int | None, best_path: Path):
         self.score, self.patience, self.best_path = score, patience, best_path
         self.stop, self.best, self.best_epoch, self.bad, self.history = False, -math.inf, 0, 0, []
 
     def __call__(self, model: FineTuneModel, epoch: int) -> None:
-        value = float(self.score(model))
+        value = distributed.agree(float(self.score(model)))
         self.history.append(round(value, 6))
         if not math.isnan(value) and value > self.best:
             self.best, self.best_epoch, self.bad = value, epoch + 1, 0
-            atomic_torch_save(self.best_path, model.state_dict())
-        elif not self.best_path.exists():  # a metric undefined from the start: keep the first epoch's weights
+            self._keep(model)
+        elif self.best_epoch == 0:  # a metric undefined from the start: keep the first epoch's weights
             self.best_epoch = epoch + 1
-            atomic_torch_save(self.best_path, model.state_dict())
+            self._keep(model)
         else:
             self.bad += 1
         self.stop = self.patience is not None and self.bad >= self.patience
+
+    def _keep(self, model: nn.Module) -> None:
+        if distributed.is_main():
+            atomic_torch_save(self.best_path, model.state_dict())
 
     def state_dict(self) -> dict:
         return {"stop": self.stop, "best": self.best, "best_epoch": self.best_epoch, "bad": self.bad,
@@ -111,7 +123,12 @@ def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
     model = FineTuneModel(ctx.method, len(task.labels), multiclass, ft.encoder_lr_multiplier, probe).to(ctx.device)
     train = LabelledImageDataset(parts["train"]["image_path"], y["train"], parts["train"]["sample_id"],
                                  data.preprocessor(augment=bool(ft.augment)), data.cache, seed)
-    batch_size = min(int(ft.batch_size), len(train))
+    # the global batch: each of the torchrun ranks trains on an equal share of it
+    world = distributed.world_size()
+    if int(ft.batch_size) % world:
+        raise UserError(f"eval.fine_tune.batch_size={ft.batch_size} is the global batch; it must be divisible by "
+                        f"the {world} processes")
+    batch_size = min(int(ft.batch_size), len(train) // world * world)
     sampler = MixedBatchSampler({"train": len(train)}, {"train": batch_size}, seed)
     steps_per_epoch = len(train) // batch_size
     trainer_cfg = OmegaConf.merge(ctx.cfg.trainer, {
