@@ -17,6 +17,7 @@ EPILOG = """examples:
   bench data inspect chexpert --root /data/CheXpert-v1.0-small --json --set uncertain_policy=ones
   bench run --method mmclip --ablation no-attmim
   bench run --method mmclip --ablation attmim-share-0.5
+  bench sweep --method mmclip --param mask_ratio=0.3:0.9 --trials 20 --objective rsna:linear-probe:auc
   bench mask --report "Small right pleural effusion. No pneumothorax." --json
   bench step-time --methods clip,mmclip
   bench list
@@ -43,6 +44,44 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides")
 
+    sweep = sub.add_parser(
+        "sweep", help="Optuna search over settings, scored on validation splits (test sealed); --finalize",
+        description="Search settings of METHOD with Optuna. Each trial pretrains with its sampled values (once per "
+                    "--seeds seed) and scores --objective on the validation splits; the test split cannot be read "
+                    "during a sweep. The study lives in --storage, so re-running the same command resumes it "
+                    "(only missing trials run) and several workers started with it share it. Writes best.json, "
+                    "trials.csv and plots to <results-dir>/sweeps/<study>/. --finalize retrains the best "
+                    "configuration with --final-seeds and evaluates it on test like `bench run`, as the ablation "
+                    "sweep-<study>.",
+        epilog="examples: bench sweep --method mmclip --param mask_ratio=0.3:0.9 --trials 20; "
+               "bench sweep --method mmclip --param lr=1e-4:1e-2:log --param mask_ratio=0.5,0.75 "
+               "--objective rsna,chexpert:linear-probe:auc --seeds 0,1 --storage postgresql://host/db; "
+               "bench sweep --method mmclip --param mask_ratio=0.3:0.9 --trials 20 --finalize --final-seeds 0,1,2")
+    sweep.add_argument("--method", required=True)
+    sweep.add_argument("--ablation", default="none", help="the ablation whose settings the search starts from")
+    sweep.add_argument("--param", action="append", default=[], metavar="NAME=LOW:HIGH[:log|:int] | NAME=a,b,c",
+                       help="a searched setting (repeatable): a config key or its unique ending, e.g. mask_ratio")
+    sweep.add_argument("--trials", type=int, default=20, help="trials the study should hold (default 20)")
+    sweep.add_argument("--objective", default="linear-probe:auc", metavar="[DATASETS:]PROTOCOL:METRIC[:FRACTION]",
+                       help="maximised on validation: the metric's mean over the datasets (default: every "
+                            "eval.datasets dataset, linear-probe:auc)")
+    sweep.add_argument("--seeds", default="0", help="pretraining seeds a trial averages over (default 0)")
+    sweep.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"])
+    sweep.add_argument("--sampler-seed", type=int, default=0)
+    sweep.add_argument("--pruner", default="median", choices=["median", "none"],
+                       help="median: stop a trial whose validation value after an epoch is below the median of "
+                            "earlier trials at that epoch")
+    sweep.add_argument("--storage", default=None, help="Optuna storage: an RDB URL (postgresql://, mysql://, "
+                                                       "sqlite:///) or a journal file (default: "
+                                                       "<results-dir>/sweeps/<study>/study.journal)")
+    sweep.add_argument("--study-name", default=None, help="default: METHOD-ABLATION-<hash of the search>")
+    sweep.add_argument("--results-dir", default="results")
+    sweep.add_argument("--finalize", action="store_true",
+                       help="retrain the best trial's configuration and evaluate it on test")
+    sweep.add_argument("--final-seeds", default=None, help="pretraining seeds of --finalize (default: --seeds)")
+    sweep.add_argument("--force", action="store_true", help="--finalize: re-run evaluations that have a record")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides for every trial")
+
     ev = sub.add_parser("eval", help="evaluate an existing checkpoint (ours, or an open_clip CLIP model)",
                         description="Evaluate CHECKPOINT with the configured (or given) protocols and datasets and "
                                     "write the same records `bench run` writes. CHECKPOINT is one of our run "
@@ -61,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--results-dir", default=None, help="results root (default: ./results)")
     ev.add_argument("--force", action="store_true", help="re-run evaluations that already have a record")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="overrides")
+
+    from bench.suite import add_parser as suite_parser
+    suite_parser(sub)
 
     table = sub.add_parser("table", help="aggregate records into a table (mean±std over seeds, CIs, tests)",
                            description="Rows: method/ablation (a variant column where one has several "
@@ -175,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     from bench.config import compose_config
+    from bench.distributed import is_main
     from bench.pipeline import run_experiment
     from bench.table import build_table
 
@@ -183,9 +226,39 @@ def _run(args: argparse.Namespace) -> None:
         overrides.append(f"results_dir={args.results_dir}")
     cfg = compose_config(args.method, args.ablation, args.seed, overrides)
     store = run_experiment(cfg, force=args.force)
-    if not args.no_table:  # all labels; `bench table --fraction 0.01` shows the label-efficiency columns
+    if not args.no_table and is_main():  # all labels; `bench table --fraction 0.01` shows the label-efficiency columns
         records = store.records()
         print(build_table(records, "auc", fraction=1.0 if any(r["fraction"] == 1.0 for r in records) else None))
+
+
+def _seed_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from bench.config import compose_config
+    from bench.sweep import Objective, SweepSpec, finalize, parse_param, run_sweep
+
+    overrides = list(args.overrides)
+    base = compose_config(args.method, args.ablation, None, overrides)
+    spec = SweepSpec(args.method, args.ablation, [parse_param(p, base) for p in args.param],
+                     Objective.parse(args.objective, list(base.eval.datasets)), _seed_list(args.seeds, "--seeds"),
+                     overrides, args.trials, args.sampler, args.pruner, args.sampler_seed, args.results_dir,
+                     args.study_name, args.storage)
+    if args.finalize:
+        seeds = _seed_list(args.final_seeds, "--final-seeds") if args.final_seeds else spec.seeds
+        written = finalize(spec, seeds, args.force)
+        print(f"bench: {len(written)} record(s) of {args.method}/sweep-{spec.study_name} written", file=sys.stderr)
+        return
+    summary = run_sweep(spec)
+    print(f"bench: study {spec.study_name}: ran {summary['ran']} trial(s) here; outputs in {spec.folder}",
+          file=sys.stderr)
+    best = spec.folder / "best.json"
+    if best.exists():
+        print(best.read_text().strip())
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -373,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.verb == "eval":
             _eval(args)
+        elif args.verb == "sweep":
+            _sweep(args)
+        elif args.verb == "suite":
+            from bench.suite import main as suite_main
+            suite_main(args)
         elif args.verb == "table":
             _table(args)
         elif args.verb == "plot":

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,6 +33,20 @@ SUMS = "SHA256SUMS"
 
 class SealedSplit(UserError):
     """A sealed split (the test split during a sweep) was asked for."""
+
+
+_SEALED: ContextVar[frozenset[str]] = ContextVar("sealed_splits", default=frozenset())
+
+
+@contextmanager
+def sealed(*splits: str) -> Iterator[None]:
+    """Within this block no split file of these splits can be read, by any dataset: a sweep seals `test`, so
+    no tuning decision can see a test sample."""
+    token = _SEALED.set(_SEALED.get() | frozenset(splits))
+    try:
+        yield
+    finally:
+        _SEALED.reset(token)
 
 
 def fraction_file(fraction: float, subset_seed: int | None = None) -> str:
@@ -73,14 +90,12 @@ def fraction_ids(train: pd.DataFrame, task: Task, fraction: float, seed: int = F
 
 @dataclass
 class SplitFiles:
-    """The split files of one manifest, and a log of which of them an evaluation used. A split in `sealed`
-    cannot be read at all (a sweep seals `test`, so tuning never sees it)."""
+    """The split files of one manifest, and a log of which of them an evaluation used."""
 
     directory: Path
     manifest: pd.DataFrame
     task: Task
     used: dict[str, str] = field(default_factory=dict)
-    sealed: frozenset[str] = frozenset()
 
     def _sums(self) -> dict[str, str]:
         path = self.directory / SUMS
@@ -118,7 +133,7 @@ class SplitFiles:
         that seed's own subset, written on first use), in manifest order."""
         if split != "train" and fraction != 1.0:
             raise ValueError("fractions apply to the train split only")
-        if split in self.sealed:
+        if split in _SEALED.get():
             raise SealedSplit(f"the {split} split of {self.directory.parent.name} is sealed here (a sweep tunes on "
                               f"validation only); evaluate on it with `bench sweep --finalize`")
         name = fraction_file(fraction, subset_seed) if split == "train" else f"{split}.txt"
