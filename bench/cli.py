@@ -409,7 +409,13 @@ def _step_time(args: argparse.Namespace) -> None:
     print(render(step_times(specs, overrides, args.steps)))
 
 
-def _list() -> None:
+def _suite(args: argparse.Namespace) -> None:
+    from bench.suite import main as suite_main
+
+    suite_main(args)
+
+
+def _list(args: argparse.Namespace) -> None:
     from bench.config import ablation_names, ablation_parameters
     from bench.datasets import adapter_names, get_adapter
     from bench.evaluation import PROTOCOLS
@@ -435,6 +441,10 @@ def _list() -> None:
               f"({prompt_set.path.name})")
 
 
+VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "suite": _suite, "table": _table, "plot": _plot, "data": _data,
+         "mask": _mask, "step-time": _step_time, "list": _list}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -442,27 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.verb == "run":
-            _run(args)
-        elif args.verb == "eval":
-            _eval(args)
-        elif args.verb == "sweep":
-            _sweep(args)
-        elif args.verb == "suite":
-            from bench.suite import main as suite_main
-            suite_main(args)
-        elif args.verb == "table":
-            _table(args)
-        elif args.verb == "plot":
-            _plot(args)
-        elif args.verb == "data":
-            _data(args)
-        elif args.verb == "mask":
-            _mask(args)
-        elif args.verb == "step-time":
-            _step_time(args)
-        elif args.verb == "list":
-            _list()
+        VERBS[args.verb](args)
     except UserError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from bench.config import compose_config, stable_hash, to_plain
+from bench.config import compose_config, pretrain_hash, stable_hash, to_plain
 from bench.errors import UserError
 from bench.evaluation import FROZEN, PROTOCOLS, EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
 from bench.metrics import METRICS, task_metrics
@@ -301,13 +301,15 @@ class TrialValidation:
         pass
 
 
-def validation_score(cfg: DictConfig, objective: Objective, device, datasets: dict):
+def validation_score(cfg: DictConfig, objective: Objective, device, run_dir: Path):
     """A function (model, during_training) -> the objective on the datasets' validation splits. A fine-tune
-    objective is tracked during pretraining by the linear probe, which trains nothing."""
+    objective is tracked during pretraining by the linear probe, which trains nothing; its fine-tuning runs
+    of the pretrained model live in the trial's run folder, so a resumed trial resumes them."""
+    from bench.config import eval_hash
     from bench.evaluation.fine_tune import remove_weights
     from bench.pipeline import load_dataset
 
-    workers = int(cfg.runtime.num_workers)
+    workers, datasets = int(cfg.runtime.num_workers), {}
 
     def score(method, during_training: bool = False) -> float:
         protocol = "linear-probe" if during_training and objective.protocol not in FROZEN else objective.protocol
@@ -324,26 +326,16 @@ def validation_score(cfg: DictConfig, objective: Objective, device, datasets: di
                 elif protocol == "linear-probe":
                     result = linear_probe(ctx, objective.fraction, seed)
                 else:
-                    run_dir = Path(cfg.results_dir).expanduser() / "sweeps" / "finetune" / stable_hash(
-                        [weights_digest(method), name, objective.fraction, seed, to_plain(cfg.eval.fine_tune)])[:16]
-                    result = fine_tune(ctx, objective.fraction, seed, run_dir)
-                    remove_weights(run_dir)
+                    folder = run_dir / "sweep-finetune" / (
+                        f"{name}-f{objective.fraction:g}-e{seed}-{eval_hash(cfg, protocol, name)[:8]}")
+                    result = fine_tune(ctx, objective.fraction, seed, folder)
+                    remove_weights(folder)
                 metrics = task_metrics(data.task.kind, result.y, result.scores, data.task.labels, result.thresholds)[0]
                 values.append(float(metrics.get(objective.metric, float("nan"))))
         defined = [v for v in values if not math.isnan(v)]
         return float(np.mean(defined)) if defined else float("nan")
 
     return score
-
-
-def weights_digest(method) -> str:
-    """Identifies a model's weights (names its fine-tuning folder, so a resumed trial resumes it)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(method.state_dict().items()):
-        h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class SurplusTrial(Exception):
@@ -407,8 +399,8 @@ def make_objective(spec: SweepSpec, store, device):
         try:
             for i, seed in enumerate(spec.seeds):
                 cfg = spec.config(seed, values, extra=[f"eval.datasets=[{','.join(spec.objective.datasets)}]"])
-                datasets: dict = {}
-                score = validation_score(cfg, spec.objective, device, datasets)
+                run_dir = store.run_dir(cfg.method.name, cfg.ablation, pretrain_hash(cfg), seed)
+                score = validation_score(cfg, spec.objective, device, run_dir)
                 hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * int(cfg.trainer.epochs))
                 method, final = pretrain(cfg, store, device, hook)
                 per_seed[str(seed)] = score(method)
