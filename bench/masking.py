@@ -87,7 +87,10 @@ class TextMasker:
         `maskable` False (prompts) are returned unmasked and unlabelled."""
         enc = self.tokenizer.hf(list(texts), padding="max_length", truncation=True,
                                 max_length=self.tokenizer.max_length, return_offsets_mapping=True,
-                                return_special_tokens_mask=True, return_tensors="np")
+                                return_special_tokens_mask=True)
+        # lists to arrays here: transformers' own conversion walks the nested offsets in Python, slowly
+        enc = {k: np.asarray(enc[k], dtype=np.int64) for k in
+               ("input_ids", "attention_mask", "offset_mapping", "special_tokens_mask")}
         ids, attention = enc["input_ids"], enc["attention_mask"]
         labels = np.full(ids.shape, IGNORE, dtype=np.int64)
         for row, (text, rng) in enumerate(zip(texts, rngs)):
@@ -105,26 +108,26 @@ class TextMasker:
         real = np.flatnonzero((special == 0) & (offsets[:, 1] > offsets[:, 0]))
         if real.size == 0:
             return real
-        words = _pieces_by_word(text, offsets, real)
         if self.strategy == "random":
-            return _random_words(words, rng, ratio=self.random_ratio)
-        spans = [(e.start, e.end) for e in tag_entities(text)]
-        hidden = [s for s in spans if rng.random() < self.entity_mask_prob]
-        pieces = np.array([i for i in real if any(offsets[i, 0] < end and offsets[i, 1] > start
-                                                  for start, end in hidden)], dtype=np.int64)
-        if not spans:  # no entity: a random mask, so the report still trains the text branch
-            return _random_words(words, rng, ratio=self.random_ratio)
+            return _random_words(_pieces_by_word(text, offsets, real), rng, ratio=self.random_ratio)
+        spans = np.array([(e.start, e.end) for e in tag_entities(text)], dtype=np.int64).reshape(-1, 2)
+        hidden = spans[[rng.random() < self.entity_mask_prob for _ in range(len(spans))]]
+        # the pieces that overlap a hidden entity's characters
+        overlap = (offsets[real, 0, None] < hidden[None, :, 1]) & (offsets[real, 1, None] > hidden[None, :, 0])
+        pieces = real[overlap.any(1)].astype(np.int64)
+        if not len(spans):  # no entity: a random mask, so the report still trains the text branch
+            return _random_words(_pieces_by_word(text, offsets, real), rng, ratio=self.random_ratio)
         if self.strategy == "random-matched":
-            return _random_words(words, rng, count=len(pieces))
+            return _random_words(_pieces_by_word(text, offsets, real), rng, count=len(pieces))
         return pieces
 
 
 def _pieces_by_word(text: str, offsets: np.ndarray, real: np.ndarray) -> list[list[int]]:
     """Word-piece indices grouped by the whitespace word they fall in (pieces past truncation are absent)."""
-    groups: list[list[int]] = [[] for _ in word_spans(text)]
     starts = [start for start, _ in word_spans(text)]
-    for i in real:
-        groups[int(np.searchsorted(starts, offsets[i, 0], side="right")) - 1].append(int(i))
+    groups: list[list[int]] = [[] for _ in starts]
+    for i, word in zip(real.tolist(), (np.searchsorted(starts, offsets[real, 0], side="right") - 1).tolist()):
+        groups[word].append(i)
     return [g for g in groups if g]
 
 
