@@ -19,7 +19,7 @@ EPILOG = """examples:
   bench run --method mmclip --ablation attmim-share-0.5
   bench sweep --method mmclip --param mask_ratio=0.3:0.9 --trials 20 --objective rsna:linear-probe:auc
   bench mask --report "Small right pleural effusion. No pneumothorax." --json
-  bench step-time --methods clip,mmclip
+  bench profile --methods clip,mmclip --presets tiny --variants trainer,plain
   bench list
 """
 
@@ -201,13 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     mask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     mask.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (without --checkpoint)")
 
-    step = sub.add_parser("step-time", help="time one training step of several methods on the same data",
-                          description="Median ms per training step (forward, backward, AdamW) of each "
-                                      "METHOD[:ABLATION] on real corpus batches, and the ratio to the first.")
-    step.add_argument("--methods", default="clip,mmclip", help="comma-separated METHOD[:ABLATION] (default: "
-                                                               "clip,mmclip)")
-    step.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
-    step.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. model=base")
+    from bench.profile import add_parser as add_profile_parser
+
+    add_profile_parser(sub)
 
     sub.add_parser("list", help="registered methods and their ablations, datasets, protocols, prompt sets",
                    description="Print the registered methods with their ablations, the datasets, the protocols "
@@ -399,14 +395,10 @@ def _mask(args: argparse.Namespace) -> None:
               f"({'by AttMIM score' if view['scored'] else 'at random: no scores'}); wrote {view['png']}")
 
 
-def _step_time(args: argparse.Namespace) -> None:
-    from bench.pipeline import quiet_libraries
-    from bench.step_time import render, step_times
+def _profile(args: argparse.Namespace) -> None:
+    from bench.profile import main as profile_main
 
-    quiet_libraries()
-    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
-    overrides = ["runtime.progress=false", *args.overrides]
-    print(render(step_times(specs, overrides, args.steps)))
+    profile_main(args)
 
 
 def _suite(args: argparse.Namespace) -> None:
@@ -442,7 +434,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "suite": _suite, "table": _table, "plot": _plot, "data": _data,
-         "mask": _mask, "step-time": _step_time, "list": _list}
+         "mask": _mask, "profile": _profile, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,8 +130,9 @@ class CorpusCollate:
             batch.text = self.tokenizer(texts)
             return batch
         rngs = [np.random.default_rng(it[4]) for it in with_text]
-        batch.text, batch.masked_text, batch.mlm_labels = self.masker(
-            texts, rngs, [it[3] != "image_only" for it in with_text])
+        maskable = [it[3] != "image_only" for it in with_text]
+        batch.text, batch.masked_text, batch.mlm_labels = self.masker(texts, rngs, maskable)
+        batch.mlm_rows = torch.tensor(np.flatnonzero(maskable), dtype=torch.long)
         return batch
 
 

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _run(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`module.layers` in turn, each under activation checkpointing when `module.checkpointing` is set."""
+    recompute = module.checkpointing and module.training and torch.is_grad_enabled()
+    for layer in module.layers:
+        x = checkpoint(layer, x, *args, use_reentrant=False, **kwargs) if recompute else layer(x, *args, **kwargs)
+    return x
 
 
 def _layers(width: int, heads: int, depth: int, cross_attention: bool) -> nn.ModuleList:
@@ -30,8 +39,9 @@ class CrossMemory(nn.Module):
         rows = index.shape[0]
         null = self.null.expand(rows, 1, -1)
         has = index >= 0
-        if tokens is None or not bool(has.any()):
+        if tokens is None:
             return null, torch.zeros(rows, 1, dtype=torch.bool, device=index.device)
+        # rows without tokens see the null token and padding; no test for "none has any" (it would wait for the GPU)
         memory = self.proj(tokens[index.clamp_min(0)])
         pad = padding[index.clamp_min(0)].clone() if padding is not None else \
             torch.zeros(memory.shape[:2], dtype=torch.bool, device=memory.device)
@@ -57,6 +67,10 @@ class ImageDecoder(nn.Module):
         self.layers = _layers(width, heads, depth, cross_attention=self.memory is not None)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, patch_pixels)
+        self.checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.checkpointing = enabled
 
     def forward(self, visible: torch.Tensor, keep: torch.Tensor, text_tokens: torch.Tensor | None = None,
                 text_padding: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,11 +80,9 @@ class ImageDecoder(nn.Module):
         x = x + self.position
         if self.memory is not None:
             memory, pad = self.memory(text_tokens, text_padding, text_index)
-            for layer in self.layers:
-                x = layer(x, memory, memory_key_padding_mask=pad)
+            x = _run(self, x, memory, memory_key_padding_mask=pad)
         else:
-            for layer in self.layers:
-                x = layer(x)
+            x = _run(self, x)
         return self.head(self.norm(x))
 
 
@@ -82,13 +94,15 @@ class TextDecoder(nn.Module):
         self.memory = CrossMemory(image_width, width)
         self.layers = _layers(width, heads, depth, cross_attention=True)
         self.norm = nn.LayerNorm(width)
+        self.checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.checkpointing = enabled
 
     def forward(self, tokens: torch.Tensor, padding: torch.Tensor, image_tokens: torch.Tensor | None,
                 image_index: torch.Tensor) -> torch.Tensor:
         memory, memory_pad = self.memory(image_tokens, None, image_index)
-        x = tokens
-        for layer in self.layers:
-            x = layer(x, memory, tgt_key_padding_mask=padding, memory_key_padding_mask=memory_pad)
+        x = _run(self, tokens, memory, tgt_key_padding_mask=padding, memory_key_padding_mask=memory_pad)
         return self.norm(x)
 
 

@@ -16,7 +16,8 @@ class Batch:
     `image_text[i]` is the text row of image i, -1 when it has none (None: images and texts are aligned
     pairs). `text_groups` marks texts that are the same caption (equal ids are positives for each other).
     Masked modelling adds `masked_text`, the same rows with hidden pieces replaced by [MASK], and
-    `mlm_labels`, the hidden pieces' ids (-100 elsewhere). Fine-tuning batches carry `labels`, the task's
+    `mlm_labels`, the hidden pieces' ids (-100 elsewhere); `mlm_rows` are the text rows MLM may mask (the
+    reports, not the prompts; None: every row), the only ones a method needs to encode masked. Fine-tuning batches carry `labels`, the task's
     label vector per image."""
 
     images: torch.Tensor | None
@@ -27,13 +28,15 @@ class Batch:
     masked_text: TextBatch | None = None
     mlm_labels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    mlm_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def move(x):
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
-                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels))
+                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels),
+                     move(self.mlm_rows))
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image rows, their text rows) of the samples that have both."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from bench.prompts import check_templates, label_prompt
 from bench.provenance import device_info, git_state, library_versions
 from bench.registry import get_method
 from bench.results import RecordKey, ResultsStore
+from bench.speed import Speed, loader_workers
 from bench.splits import SplitFiles, fraction_file, materialise
 from bench.trainer import Trainer, Validation, resolve_device, seed_everything
 
@@ -121,6 +123,23 @@ def _labelled_images(cfg: DictConfig, name: str, cache: ImageCache, workers: int
     return train[ok].reset_index(drop=True), adapter.task.labels
 
 
+def corpus_channels(image: DictConfig) -> int:
+    """Channels of the pretraining corpus's images. A grey preset's (one mean, one std) are copies of one
+    channel: the corpus ships that one and the image tower repeats it on the device, a third of the bytes for
+    the loader to normalise, collate, pin and copy."""
+    grey = not OmegaConf.is_list(image.mean) and not OmegaConf.is_list(image.std)
+    return 1 if grey else int(image.get("channels", 3))
+
+
+def corpus_prompt(cfg: DictConfig) -> Callable[[dict], str] | None:
+    """The method's disease-kind prompt writer for image-only samples (label values -> text), or None."""
+    if not cfg.method.get("prompts", {}).get("enabled", False):
+        return None
+    p = cfg.method.prompts
+    return partial(label_prompt, templates=check_templates(p.templates), names=to_plain(p.names),
+                   negatives=bool(p.negatives))
+
+
 def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatchSampler, dict]:
     """The pretraining corpus of the method's sources (data.corpus), its batch sampler, and a summary."""
     image = cfg.model.image
@@ -148,13 +167,8 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
             paths=None if kind == "text_only" else [p for _, rows, _ in parts for p in rows["image_path"]],
             texts=None if kind == "image_only" else [t for _, rows, _ in parts for t in rows["report"]],
             labels=pd.concat([lab for _, _, lab in parts], ignore_index=True) if kind == "image_only" else None)
-    prompt = None
-    if cfg.method.get("prompts", {}).get("enabled", False):
-        p = cfg.method.prompts
-        prompt = partial(label_prompt, templates=check_templates(p.templates), names=to_plain(p.names),
-                         negatives=bool(p.negatives))
-    preprocess = ImagePreprocessor(image.image_size, image.mean, image.std, True, image.get("channels", 3))
-    corpus = PretrainCorpus(pools, preprocess, cache, seed, prompt)
+    preprocess = ImagePreprocessor(image.image_size, image.mean, image.std, True, corpus_channels(image))
+    corpus = PretrainCorpus(pools, preprocess, cache, seed, corpus_prompt(cfg))
     # trainer.batch_size is the global batch: under torchrun every rank gets the same share of every kind
     batch_size, world = int(cfg.trainer.batch_size), distributed.world_size()
     if batch_size % world:
@@ -187,7 +201,8 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device, validat
         if distributed.is_main():
             atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
         method.prepare(corpus)
-        trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress, cfg.runtime.num_workers)
+        trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress,
+                          loader_workers(cfg.runtime.num_workers, device), Speed.resolve(cfg.runtime.speed, device))
         trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed, validation)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
     return method.to(device), final
@@ -250,7 +265,7 @@ def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsSt
     distributed.init_from_env()
     if "zero-shot" in cfg.eval.protocols and not method.joint_space:
         print(f"bench: {subject.method} has no joint image-text space; zero-shot is not evaluated", file=sys.stderr)
-    workers = int(cfg.runtime.num_workers)
+    workers = loader_workers(cfg.runtime.num_workers, device)
     features = FeatureCache(store.root / "features" / subject.feature_key if cfg.eval.cache_features else None,
                             int(cfg.eval.batch_size), device, workers)
     written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}

@@ -36,6 +36,7 @@ from bench.config import compose_config, pretrain_hash, stable_hash, to_plain
 from bench.errors import UserError
 from bench.evaluation import FROZEN, PROTOCOLS, EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
 from bench.metrics import METRICS, task_metrics
+from bench.speed import loader_workers
 from bench.splits import sealed
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -309,7 +310,7 @@ def validation_score(cfg: DictConfig, objective: Objective, device, run_dir: Pat
     from bench.evaluation.fine_tune import remove_weights
     from bench.pipeline import load_dataset
 
-    workers, datasets = int(cfg.runtime.num_workers), {}
+    workers, datasets = loader_workers(cfg.runtime.num_workers, device), {}
 
     def score(method, during_training: bool = False) -> float:
         protocol = "linear-probe" if during_training and objective.protocol not in FROZEN else objective.protocol

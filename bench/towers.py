@@ -58,13 +58,19 @@ class VisionTower(nn.Module):
         self.image_size = self.vit.image_size[0] if isinstance(self.vit.image_size, tuple) else self.vit.image_size
         self.patch_size = self.vit.conv1.kernel_size[0]
 
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.vit.set_grad_checkpointing(enabled)
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled, patch tokens). With `keep` ([B, n] patch indices) the transformer sees only those patches
-        plus the class token, MAE-style, and the tokens returned are theirs, in `keep`'s order."""
+        plus the class token, MAE-style, and the tokens returned are theirs, in `keep`'s order. One-channel
+        images are repeated to the tower's channels."""
+        if images.shape[1] == 1 and self.vit.conv1.in_channels > 1:
+            images = images.expand(-1, self.vit.conv1.in_channels, -1, -1)
         if keep is None:
             return self.vit(images)
         vit = self.vit
@@ -135,6 +141,16 @@ class TextTower(nn.Module):
         if self.pooling not in ("cls", "mean"):
             raise UserError(f"model.text.pooling must be 'cls' or 'mean', got {self.pooling!r}")
         self.width = self.encoder.config.hidden_size
+        self.checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        if enabled == self.checkpointing:
+            return
+        if enabled:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.encoder.gradient_checkpointing_disable()
+        self.checkpointing = enabled
 
     def forward(self, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state

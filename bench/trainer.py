@@ -22,6 +22,7 @@ from bench.corpus import MixedBatchSampler, PretrainCorpus
 from bench.errors import TrainingDiverged, UserError
 from bench.io import atomic_torch_save
 from bench.method import Method
+from bench.speed import Speed
 
 CHECKPOINT, FINAL = "checkpoint.pt", "final.pt"
 
@@ -108,9 +109,10 @@ def _set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, progress: bool = True,
-                 num_workers: int = 0):
+                 num_workers: int = 0, speed: Speed | None = None):
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         self.progress, self.num_workers = progress, num_workers
+        self.speed = speed if speed is not None else Speed.resolve(None, device)
         self.dtype = autocast_dtype(cfg.precision, device)
 
     def fit(self, method: Method, dataset: PretrainCorpus, collate, sampler: MixedBatchSampler, seed: int,
@@ -125,7 +127,6 @@ class Trainer:
         final = self.run_dir / FINAL
         if distributed.agree(final.exists()):
             return final
-        method.to(self.device)
         steps_per_epoch = len(sampler.batches()) // cfg.accumulate
         if steps_per_epoch == 0:
             raise UserError(f"an epoch of {len(sampler.batches())} batches is shorter than one optimiser step "
@@ -133,12 +134,20 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, int(cfg.max_steps))
-        model = distributed.wrap(method, self.device)
+        model, optimizer = self.setup(method)
+        try:
+            return self._fit(method, model, optimizer, dataset, collate, sampler, seed, validation, total,
+                             steps_per_epoch)
+        finally:
+            self.speed.take_off(method)
+
+    def _fit(self, method: Method, model: torch.nn.Module, optimizer, dataset: PretrainCorpus, collate,
+             sampler: MixedBatchSampler, seed: int, validation: Validation | None, total: int,
+             steps_per_epoch: int) -> Path:
+        cfg, final = self.cfg, self.run_dir / FINAL
         if distributed.world_size() > 1:
             # ranks must not draw the same masks and dropout; a single process keeps the stream it was given
             seed_everything(distributed.seed_of_rank(seed))
-        optimizer = torch.optim.AdamW(param_groups(method, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      fused=self.device.type == "cuda")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(total, cfg.warmup_steps, cfg.min_lr_ratio))
         step = self._resume(method, optimizer, schedule, validation)
@@ -153,7 +162,7 @@ class Trainer:
                 batches = iter(self.loader(dataset, sampler, collate, seed))
                 for _ in range(steps_per_epoch - in_epoch):
                     t0 = time.perf_counter()
-                    parts, n_images = self._optimizer_step(model, optimizer, batches, step)
+                    parts, n_images = self.optimizer_step(model, optimizer, batches, step)
                     schedule.step()
                     step += 1
                     seconds = time.perf_counter() - t0
@@ -188,6 +197,17 @@ class Trainer:
         distributed.barrier()  # every rank reads the final (and checkpoint, best) weights next
         return final
 
+    def setup(self, method: Method) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """`method` on the device with the speed switches on (`self.speed.take_off` removes them), the module
+        to call for a training step (the method, or its DDP wrapper) and its optimiser."""
+        cfg = self.cfg
+        method.to(self.device)
+        self.speed.put_on(method)
+        model = distributed.wrap(method, self.device)
+        optimizer = torch.optim.AdamW(param_groups(method, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      fused=self.speed.fused_optimizer or None)
+        return model, optimizer
+
     def loader(self, dataset, sampler: MixedBatchSampler, collate, seed: int) -> DataLoader:
         """This rank's share of `sampler`'s batches (all of each batch in a single process)."""
         world = distributed.world_size()
@@ -195,7 +215,7 @@ class Trainer:
         # a private generator: creating a loader must not draw from the global RNG, or a resumed
         # run (which creates one mid-epoch) would drift from an uninterrupted one
         return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+                          pin_memory=self.speed.pin_memory, generator=torch.Generator().manual_seed(seed))
 
     def accumulate(self, model: torch.nn.Module, batches, step: int) -> tuple[dict, int]:
         """Forward and backward of one optimiser step's micro-batches through `model` (the method, or its
@@ -206,28 +226,37 @@ class Trainer:
         n_images = 0
         for micro in range(self.cfg.accumulate):
             batch = next(batches).to(self.device, non_blocking=True)
+            batch.images = self.speed.images(batch.images)
             # DDP averages gradients over the ranks once, in the backward of an optimiser step's last micro-batch
             last = micro == self.cfg.accumulate - 1
-            with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+            with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext(), \
+                    self.speed.kernels():
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                     out = model(batch)
-                if not torch.isfinite(out.loss):
-                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.parts.items())
-                    raise TrainingDiverged(
-                        f"loss became {float(out.loss.detach())} at step {step + 1} ({parts}); the last good "
-                        f"checkpoint is kept in {self.run_dir}. Lower trainer.lr or enable trainer.grad_clip")
+                # the loss is read back only once backward is queued: reading it first would leave the GPU idle
+                # while the backward is being launched. A non-finite loss still stops before any update.
                 (out.loss / self.cfg.accumulate).backward()
+            parts = {"loss": out.loss.detach(), **out.parts}
+            values = dict(zip(parts, torch.stack([torch.as_tensor(v, device=out.loss.device).float().reshape(())
+                                                  for v in parts.values()]).tolist()))
+            if not math.isfinite(values["loss"]):
+                detail = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "loss")
+                raise TrainingDiverged(
+                    f"loss became {values['loss']} at step {step + 1} ({detail}); the last good "
+                    f"checkpoint is kept in {self.run_dir}. Lower trainer.lr or enable trainer.grad_clip")
             n_images += len(batch)
-            for k, v in {"loss": out.loss.detach(), **out.parts}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.accumulate
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.cfg.accumulate
         return distributed.mean_over_ranks(totals), n_images * distributed.world_size()
 
-    def _optimizer_step(self, model: torch.nn.Module, optimizer, batches, step: int) -> tuple[dict, int]:
+    def optimizer_step(self, model: torch.nn.Module, optimizer, batches, step: int) -> tuple[dict, int]:
+        """One optimiser step: `accumulate`, clipping, the update; returns the loss parts and images."""
         totals, n_images = self.accumulate(model, batches, step)
-        if self.cfg.grad_clip:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip) if self.cfg.grad_clip else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if norm is not None:  # read after the update is queued, for the same reason as the loss
+            totals["grad_norm"] = float(norm)
         return totals, n_images
 
     def _save(self, method: Method, optimizer, schedule, step: int, validation: Validation | None = None) -> None:

@@ -174,7 +174,12 @@ class MMCLIP(Method):
         pairs = batch.pairs() if images is not None and batch.text is not None else None
         has_pairs = pairs is not None and len(pairs[0]) > 0
         text_out = self.text_tower(batch.text) if self.itc and has_pairs else None
-        masked_tokens = self.text_tower(batch.masked_text)[1] if self.mlm and batch.masked_text is not None else None
+        masked_tokens = mlm_rows = None
+        if self.mlm and batch.masked_text is not None:
+            # prompts are never masked: their tokens are the ITC pass's, so only the reports are encoded again
+            mlm_rows = batch.mlm_rows if batch.mlm_rows is not None and text_out is not None else \
+                torch.arange(len(batch.masked_text), device=batch.masked_text.input_ids.device)
+            masked_tokens = self.text_tower(_rows(batch.masked_text, mlm_rows))[1]
         # one pass over the whole image with gradient, unless masking is on and ITC embeds the visible patches
         full = self.image_tower(images) if images is not None and (
             not self.mim or (text_out is not None and im.contrastive_view == "full")) else None
@@ -182,8 +187,10 @@ class MMCLIP(Method):
         if self.mim and images is not None:
             mask = self._patch_mask(batch, pairs if has_pairs else None, text_out, full)
             visible_pooled, visible = self.image_tower(images, keep=mask.keep)
-            # the text the image decoder consults: the masked report (MRM), else the plain text
-            context = masked_tokens if masked_tokens is not None else text_out[1] if text_out is not None else None
+            # the text the image decoder consults: the masked report (MRM), else the plain text (and prompts)
+            context = text_out[1] if text_out is not None else None
+            if masked_tokens is not None:
+                context = masked_tokens if context is None else context.index_copy(0, mlm_rows, masked_tokens)
             if context is None and self.image_decoder.memory is not None and batch.text is not None:
                 context = self.text_tower(batch.text)[1]
             losses["mim"] = self._mim_loss(batch, mask, visible, context)
@@ -199,10 +206,10 @@ class MMCLIP(Method):
         if masked_tokens is not None:
             # the image tokens the text consults: the visible ones when the image is masked, else the whole image's
             image_tokens = visible if visible is not None else full[1] if full is not None else None
-            targets = batch.mlm_labels != IGNORE
+            targets = batch.mlm_labels[mlm_rows] != IGNORE
             weight = rank_weight(targets.sum())  # ranks mask different numbers of tokens; weigh to the global mean
             if bool(targets.any()):
-                losses["mlm"] = weight * self._mlm_loss(batch, masked_tokens, image_tokens, targets)
+                losses["mlm"] = weight * self._mlm_loss(batch, mlm_rows, masked_tokens, image_tokens, targets)
             parts["masked_tokens"] = targets.float().sum().detach() / batch.masked_text.attention_mask.sum()
         if not losses:
             raise UserError(f"batch of {len(batch)} samples gave {self.cfg.method.name} nothing to learn from")
@@ -243,17 +250,17 @@ class MMCLIP(Method):
         per_patch = (prediction.float() - target).pow(2).mean(-1)
         return per_patch[mask.masked].mean()
 
-    def _mlm_loss(self, batch: Batch, masked_tokens: torch.Tensor, image_tokens: torch.Tensor | None,
-                  targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the hidden word-pieces, predicted by the text decoder that attends to the image
-        (text-only rows attend to the decoder's "no image" token)."""
-        text_image = batch.text_image() if batch.images is not None else \
-            torch.full((len(batch.masked_text),), -1, dtype=torch.long, device=targets.device)
-        if image_tokens is None:
-            text_image = torch.full_like(text_image, -1)
-        hidden = self.text_decoder(masked_tokens, batch.masked_text.attention_mask == 0, image_tokens, text_image)
-        hidden = self.mlm_transform(hidden[targets])
-        labels = batch.mlm_labels[targets]
+    def _mlm_loss(self, batch: Batch, rows: torch.Tensor, masked_tokens: torch.Tensor,
+                  image_tokens: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the hidden word-pieces of text `rows`, predicted by the text decoder that attends to
+        the image (text-only rows attend to the decoder's "no image" token)."""
+        if batch.images is None or image_tokens is None:
+            text_image = torch.full((len(rows),), -1, dtype=torch.long, device=targets.device)
+        else:
+            text_image = batch.text_image()[rows]
+        padding = batch.masked_text.attention_mask[rows] == 0
+        hidden = self.mlm_transform(self.text_decoder(masked_tokens, padding, image_tokens, text_image)[targets])
+        labels = batch.mlm_labels[rows][targets]
         if bool(self.mlm_vocabulary.all()):
             return F.cross_entropy(self.mlm_out(hidden).float(), labels)
         if not bool(self.mlm_vocabulary[labels].all()):

@@ -201,13 +201,6 @@ def test_bench_mask_png_for_a_dataset_sample(data_home, tmp_path, tiny_cfg, caps
     assert main(["mask", "--dataset", "mimic-cxr", "data.synthetic.size=tiny"]) == 2  # no --sample: one-line error
 
 
-def test_step_time_prints_a_ratio(data_home, capsys):
-    assert main(["step-time", "--methods", "clip,mmclip", "--steps", "1", "data.synthetic.size=tiny",
-                 "trainer.batch_size=16"]) == 0
-    out = capsys.readouterr().out
-    assert "mmclip" in out and "1.00x" in out
-
-
 def test_compose_records_the_parametric_ablation():
     cfg = compose_config("mmclip", "mask-ratio-0.6", 0, ["data.synthetic.size=tiny"])
     assert cfg.ablation == "mask-ratio-0.6" and cfg.method.image_masking.mask_ratio == 0.6

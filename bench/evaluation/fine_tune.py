@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
 from bench.io import atomic_torch_save
 from bench.method import StepOutput
 from bench.metrics import task_metrics
+from bench.speed import Speed
 from bench.trainer import CHECKPOINT, Trainer, seed_everything
 
 BEST = "best.pt"
@@ -143,7 +145,9 @@ def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
 
     patience = None if ft.patience is None else int(ft.patience)
     stopper = EarlyStopping(val_metric, patience, run_dir / BEST)
-    Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers).fit(
+    # no compilation: fine-tuning runs are many and short, and each new model would be compiled again
+    speed = replace(Speed.resolve(ctx.cfg.runtime.get("speed"), ctx.device), compile=False)
+    Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers, speed=speed).fit(
         model, train, collate_labelled, sampler, seed, validation=stopper)
     stopper.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["validation"])
     model.load_state_dict(torch.load(run_dir / BEST, map_location=ctx.device, weights_only=False))
