@@ -34,7 +34,7 @@ class Speed:
     @classmethod
     def resolve(cls, settings: Mapping[str, Any] | None, device: torch.device) -> "Speed":
         """`runtime.speed` for `device`: `auto` is on for CUDA and off for CPU (where compilation costs more than
-        it saves on small models and the rest does not apply)."""
+        it saves on small models and the rest does not apply), except `fused_optimizer`, on for both."""
         settings = dict(settings or {})
         unknown = sorted(set(settings) - set(SWITCHES) - {"attention"})
         if unknown:
