@@ -308,24 +308,23 @@ class Profiler:
                              [*OFFLINE, f"model={config.preset}", f"results_dir={self.workdir}", *overrides])
         trainer = Trainer(cfg.trainer, self.workdir / "run", self.device, progress=False,
                           num_workers=self._workers(cfg), speed=Speed.resolve(cfg.runtime.speed, self.device))
-        contestants, flops, flops_how, loader = [], None, None, None
-        for variant in variants:
-            method = build_method(cfg, 0)
-            if config.input == "synthetic":
-                batches, corpus = synthetic_batches(cfg, method, 3, seed=0)
-                batches = [b.to(self.device) for b in batches]
-                stream = _cycle(batches)
-            else:
-                corpus, sampler, _ = build_corpus(cfg, 0)
-                collate = method.make_collate()
-                stream = _forever(trainer, corpus, sampler, collate, 0)
-                if loader is None and self.loader_batches:
-                    loader = loader_rate(trainer, corpus, sampler, collate, 0, self.loader_batches)
+        methods = [build_method(cfg, 0) for _ in variants]
+        collate = methods[0].make_collate()  # the same cfg, so the same collate for every variant
+        loader, on_device = None, []
+        if config.input == "synthetic":
+            batches, corpus = synthetic_batches(cfg, methods[0], 3, seed=0)
+            on_device = [b.to(self.device) for b in batches]
+        else:
+            corpus, sampler, _ = build_corpus(cfg, 0)
+            if self.loader_batches:
+                loader = loader_rate(trainer, corpus, sampler, collate, 0, self.loader_batches)
+        contestants, flops, flops_how = [], None, None
+        for variant, method in zip(variants, methods):
+            stream = _cycle(on_device) if on_device else _forever(trainer, corpus, sampler, collate, 0)
             method.prepare(corpus)
             method.to(self.device)
             if flops is None:  # the same model in every variant; counted eager, before any speed switch
                 flops, flops_how = count_flops(method, next(stream).to(self.device), trainer.dtype, self.device)
-            on_device = batches if config.input == "synthetic" else []
             contestants.append(self._trainer_contestant(trainer, method, stream, on_device) if variant == "trainer"
                                else self._plain_contestant(method, stream, on_device))
         for i in range(self.warmup + self.steps):

@@ -44,16 +44,14 @@ class Speed:
         values: dict[str, Any] = {}
         for name in SWITCHES:
             value = settings.get(name, "auto")
-            if value == "auto":
-                value = cuda
+            if value == "auto":  # torch has fused AdamW kernels for CPU as well as CUDA
+                value = cuda or name == "fused_optimizer"
             if not isinstance(value, bool):
                 raise UserError(f"runtime.speed.{name} must be true, false or auto, got {value!r}")
             values[name] = value
         attention = settings.get("attention", "fused")
         if attention not in ATTENTION:
             raise UserError(f"runtime.speed.attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-        if settings.get("fused_optimizer", "auto") == "auto":
-            values["fused_optimizer"] = True  # torch has fused AdamW kernels for CPU as well as CUDA
         if not cuda:  # CUDA-only kernels and memory
             values.update(tf32=False, pin_memory=False)
         return cls(attention=attention, **values)
