@@ -1,4 +1,8 @@
-"""The `bench` command line. Flags for what users type most, Hydra overrides (key=value) for the rest."""
+"""The `bench` command line. Flags for what users type most, Hydra overrides (key=value) for the rest.
+
+Building the parser imports nothing heavy (no torch, pandas or Hydra), so `bench --help`, `bench VERB --help` and
+`bench list` answer at once; each verb imports what it uses when it runs (scripts/cli_startup.py measures it).
+"""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +28,25 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line, like every other error of the command line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in its message
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bench", description="Pretrain, evaluate and compare medical vision-language models on chest X-rays.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", metavar="VERB")
@@ -61,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ablation", default="none", help="the ablation whose settings the search starts from")
     sweep.add_argument("--param", action="append", default=[], metavar="NAME=LOW:HIGH[:log|:int] | NAME=a,b,c",
                        help="a searched setting (repeatable): a config key or its unique ending, e.g. mask_ratio")
-    sweep.add_argument("--trials", type=int, default=20, help="trials the study should hold (default 20)")
+    sweep.add_argument("--trials", type=positive_int, default=20, help="trials the study should hold (default 20)")
     sweep.add_argument("--objective", default="linear-probe:auc", metavar="[DATASETS:]PROTOCOL:METRIC[:FRACTION]",
                        help="maximised on validation: the metric's mean over the datasets (default: every "
                             "eval.datasets dataset, linear-probe:auc)")
@@ -101,8 +122,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true", help="re-run evaluations that already have a record")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="overrides")
 
-    from bench.suite import add_parser as suite_parser
-    suite_parser(sub)
+    suite = sub.add_parser(
+        "suite", help="run a grid of experiments from a suite file (resumable, splittable across workers)",
+        description="Pretrain and evaluate every run of a suite (configs/suite/NAME.yaml or a path): methods x "
+                    "ablations x pretraining seeds, each evaluated with every configured protocol, dataset, label "
+                    "fraction and evaluation seed, plus each distinct random-init baseline once. Finished steps "
+                    "are skipped, so re-running the same command after a kill continues where it stopped.",
+        epilog="examples: bench suite ablations --dry-run; bench suite ablations --worker 2/4 "
+               "--results-dir /shared/results; bench suite smoke runtime.threads=1")
+    suite.add_argument("suite", metavar="NAME_OR_PATH", help="a named suite (configs/suite/) or a suite YAML file")
+    suite.add_argument("--worker", default="1/1", metavar="I/N",
+                       help="run only the I-th of N shares of the units; start all N with the same command and "
+                            "results folder (default: 1/1)")
+    suite.add_argument("--dry-run", action="store_true", help="print the plan and what is left; train nothing")
+    suite.add_argument("--results-dir", default=None, metavar="DIR", help="results root (default: ./results)")
+    suite.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides for every run")
 
     table = sub.add_parser("table", help="aggregate records into a table (mean±std over seeds, CIs, tests)",
                            description="Rows: method/ablation (a variant column where one has several "
@@ -160,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", default=None, help="folder to write (default: the configured synthetic root)")
     synth.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--workers", type=int, default=None, help="drawing processes (default: up to 4)")
+    synth.add_argument("--workers", type=positive_int, default=None, help="drawing processes (default: up to 4)")
     inspect = data_sub.add_parser("inspect", help="summarise a dataset root from its metadata files",
                                   description="Build DATASET's manifest from the metadata under --root and "
                                               "report samples, patients, splits, label counts and missing "
@@ -170,8 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print exactly one JSON object")
     inspect.add_argument("--strict", action="store_true",
                          help="missing or unreadable images are an error (decodes every image)")
-    inspect.add_argument("--workers", type=int, default=None, help="decoding processes for --strict (default: "
-                                                                      "all cores)")
+    inspect.add_argument("--workers", type=positive_int, default=None,
+                         help="decoding processes for --strict (default: all cores)")
     inspect.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                          help="a dataset option, e.g. --set uncertain_policy=ones (repeatable)")
     speed = data_sub.add_parser("throughput", help="images/s with and without the preprocessed-image cache",
@@ -179,8 +213,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "without the cache, filling it, and reading it.")
     speed.add_argument("dataset")
     speed.add_argument("--root", required=True)
-    speed.add_argument("--image-size", type=int, default=224)
-    speed.add_argument("--limit", type=int, default=500, help="images to time (default 500)")
+    speed.add_argument("--image-size", type=positive_int, default=224)
+    speed.add_argument("--limit", type=positive_int, default=500, help="images to time (default 500)")
     speed.add_argument("--cache-dir", default=None, help="where to put the timed cache (default: a temp dir)")
 
     mask = sub.add_parser("mask", help="show what AttMIM and EntMLM hide for an image and a report",
@@ -201,9 +235,35 @@ def _parser() -> argparse.ArgumentParser:
     mask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     mask.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (without --checkpoint)")
 
-    from bench.profile import add_parser as add_profile_parser
-
-    add_profile_parser(sub)
+    profile = sub.add_parser(
+        "profile", help="training speed, memory and MFU of methods on synthetic tensors and real files",
+        description="Time training steps of each METHOD[:ABLATION] x preset x input x variant and print one JSON "
+                    "line per configuration: median step time after warm-up (synchronised), images/s, peak "
+                    "memory, model FLOPs per step, and on GPU the MFU against the measured and the vendor's bf16 "
+                    "peak. A table for people follows on stderr.",
+        epilog="Trailing key=value items are Hydra overrides for every configuration, e.g. "
+               "runtime.speed.compile=false trainer.precision=fp32.")
+    profile.add_argument("--methods", default="clip,mrm,mmclip",
+                         help="comma-separated METHOD[:ABLATION], or `all` (clip, mrm, mmclip and every mmclip "
+                              "ablation)")
+    profile.add_argument("--presets", default=None,
+                         help="model presets, comma-separated (default: base on GPU, tiny on CPU)")
+    profile.add_argument("--inputs", default="synthetic,files",
+                         help="synthetic (tensors in memory), files (the corpus on disk through the loader); "
+                              "default both")
+    profile.add_argument("--variants", default="trainer",
+                         help="trainer (the trainer with runtime.speed), plain (an fp32 eager loop); "
+                              "comma-separated, taking turns step by step")
+    profile.add_argument("--batch-size", type=positive_int, default=None,
+                         help="trainer.batch_size (default: the config's)")
+    profile.add_argument("--steps", type=positive_int, default=20, help="timed steps per configuration (default 20)")
+    profile.add_argument("--warmup", type=int, default=5,
+                         help="untimed steps first (default 5; compilation happens here)")
+    profile.add_argument("--loader-batches", type=int, default=20,
+                         help="batches timed from the loader alone with --inputs files (default 20; 0 = skip)")
+    profile.add_argument("--workers", type=int, default=None, help="loader workers (default: runtime.num_workers)")
+    profile.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    profile.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides for every configuration")
 
     sub.add_parser("list", help="registered methods and their ablations, datasets, protocols, prompt sets",
                    description="Print the registered methods with their ablations, the datasets, the protocols "
@@ -232,6 +292,13 @@ def _seed_list(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def _fraction_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated label fractions, e.g. 0.01,0.1,1") from None
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -268,14 +335,17 @@ def _eval(args: argparse.Namespace) -> None:
         items = [x for item in flag for x in item.split(",") if x]
         if items:
             overrides.append(f"{key}=[{','.join(items)}]")
-    for value, key in ((args.fractions, "eval.fractions"), (args.seeds, "eval.seeds")):
-        if value:
-            overrides.append(f"{key}=[{value}]")
+    if args.fractions:
+        overrides.append(f"eval.fractions=[{','.join(map(str, _fraction_list(args.fractions, '--fractions')))}]")
+    if args.seeds:
+        overrides.append(f"eval.seeds=[{','.join(map(str, _seed_list(args.seeds, '--seeds')))}]")
     if args.results_dir:
         overrides.append(f"results_dir={args.results_dir}")
     cfg, method, subject = load_checkpoint(args.checkpoint, overrides, args.open_clip_config)
+    store = ResultsStore(cfg.results_dir)
+    store.check_writable()
     device = resolve_device(cfg.runtime.device)
-    summary = evaluate(cfg, method.to(device), subject, ResultsStore(cfg.results_dir), device, args.force)
+    summary = evaluate(cfg, method.to(device), subject, store, device, args.force)
     report_timing(subject, summary)
     for path in summary["written"]:
         print(path)
@@ -351,14 +421,16 @@ def _mask(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    import torch
     from omegaconf import OmegaConf
 
     from bench.config import compose_config
-    from bench.mask_view import image_view, render_text, text_view
-    from bench.pipeline import build_method, load_dataset, run_folder
 
     if args.checkpoint:
+        from bench.pipeline import run_folder
+
+        if args.overrides:
+            raise UserError(f"{args.overrides[0]!r}: overrides apply without --checkpoint only (a checkpoint brings "
+                            f"its own settings)")
         run_dir, weights = run_folder(args.checkpoint)
         cfg = OmegaConf.load(run_dir / "config.yaml")
     else:
@@ -369,6 +441,8 @@ def _mask(args: argparse.Namespace) -> None:
     if args.report_file:
         report = Path(args.report_file).read_text()
     if args.dataset:
+        from bench.pipeline import load_dataset
+
         if not args.sample:
             raise UserError("--dataset needs --sample ID")
         data = load_dataset(cfg, args.dataset, with_reports=True)
@@ -380,11 +454,22 @@ def _mask(args: argparse.Namespace) -> None:
             report = row["report"].iloc[0]
     if not report:
         raise UserError("no report: give --report, --report-file, or a --dataset sample that has one")
-    method = build_method(cfg, 0)
-    if args.checkpoint:
-        method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["model"])
-    view = text_view(cfg.method.text_masking, method.tokenizer, report, args.seed)
-    if image is not None:
+    from bench.mask_view import render_text, text_view
+    from bench.towers import Tokenizer
+
+    if image is None:  # the text's masks need the tokenizer alone, not a model
+        view = text_view(cfg.method.text_masking, Tokenizer(cfg.model.text.tokenizer, cfg.model.text.max_length),
+                         report, args.seed)
+    else:
+        import torch
+
+        from bench.mask_view import image_view
+        from bench.pipeline import build_method
+
+        method = build_method(cfg, 0)
+        if args.checkpoint:
+            method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["model"])
+        view = text_view(cfg.method.text_masking, method.tokenizer, report, args.seed)
         view.update(image_view(method, cfg, image, report, Path(args.out), args.seed))
     if args.json:
         print(json.dumps(view))
@@ -408,16 +493,16 @@ def _suite(args: argparse.Namespace) -> None:
 
 
 def _list(args: argparse.Namespace) -> None:
-    from bench.config import ablation_names, ablation_parameters
+    from bench.config import ablation_catalogue
     from bench.datasets import adapter_names, get_adapter
     from bench.evaluation import PROTOCOLS
     from bench.prompt_sets import get_prompt_set, prompt_set_names
     from bench.registry import method_names
 
     print("methods (ablations):")
-    for m in method_names():
-        patterns = [f"{prefix}-<X> ({key})" for prefix, key in ablation_parameters(m).items()]
-        print(f"  {m}: {', '.join(ablation_names(m) + patterns)}")
+    for m, (named, parameters) in ablation_catalogue(method_names()).items():
+        patterns = [f"{prefix}-<X> ({key})" for prefix, key in parameters.items()]
+        print(f"  {m}: {', '.join(named + patterns)}")
     print("datasets:")
     for d in adapter_names():
         adapter = get_adapter(d)
@@ -437,9 +522,24 @@ VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "suite": _suite, "table": 
          "mask": _mask, "profile": _profile, "list": _list}
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Options and key=value overrides in any order: argparse takes the overrides up to the first option that
+    follows them, and leaves the rest over."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        what = " ".join(unknown or overrides)
+        hint = f"`bench {args.verb} --help` lists its options" if args.verb else "`bench --help` lists the verbs"
+        parser.exit(2, f"bench: error: unrecognized argument(s): {what} ({hint})\n")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.verb is None:
         parser.print_help()
         return 2
@@ -454,6 +554,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write outside the atomic helpers (a log, a library's file): still one line
+        from bench.io import WRITE_ERRNOS
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"bench: error: cannot write{where} ({exc.strerror}); what was finished is kept: free space or "
+              f"choose a writable folder and re-run to continue", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from bench.config_checks import check_config, check_known, override_keys, plain_config
 from bench.errors import UserError
 
 import bench.configs
@@ -17,6 +18,7 @@ import bench.configs
 CONFIG_DIR = Path(bench.configs.__file__).resolve().parent
 
 NO_ABLATION = "none"
+CONFIG_GROUPS = ("method", "model", "data", "trainer", "eval")  # `model=base` chooses a file, not a value
 # keys that say how a run executes or where it writes, not what it computes
 NON_SEMANTIC = ("runtime", "results_dir")
 
@@ -42,6 +44,21 @@ def ablation_names(method: str) -> list[str]:
     return [NO_ABLATION, *group_options(f"ablation/{method}")]
 
 
+def ablation_catalogue(methods: Iterable[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """method -> (its named ablations, its one-switch ablations: prefix -> key), read in one Hydra session."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    compose, ctx = _hydra()
+    out = {}
+    with ctx:
+        loader = GlobalHydra.instance().config_loader()
+        for method in methods:
+            cfg = compose(config_name=f"method/{method}")  # the method's own file: a fraction of the whole config
+            params = {k: v for k, v in (cfg.method.get("ablation_parameters") or {}).items() if v}
+            out[method] = [NO_ABLATION, *sorted(loader.get_group_options(f"ablation/{method}"))], params
+    return out
+
+
 def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = None,
                    overrides: Iterable[str] = ()) -> DictConfig:
     """Compose the primary config with a method, one of its ablations and user overrides."""
@@ -64,32 +81,35 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
         items.append(f"seed={seed}")
     user = list(overrides)
     for item in user:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].lstrip("+~"):
             raise UserError(f"malformed override {item!r}: expected key=value (e.g. trainer.epochs=2 or model=tiny)")
     compose, ctx = _hydra()
+    # the same config without the user's values (but with their choice of presets): what types are checked by
+    groups = [item for item, key in zip(user, override_keys(user)) if key in CONFIG_GROUPS]
     try:
         with ctx:
+            defaults = compose(config_name="config", overrides=items + groups)
+            check_known(override_keys(user), plain_config(defaults))
             cfg = compose(config_name="config", overrides=items + user)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
         text = str(exc).strip() or str(exc.__cause__ or type(exc).__name__).strip()
         lines = [line.strip() for line in text.splitlines()[:2]]
         raise UserError(f"bad override: {' '.join(lines)}{_valid_options_hint(lines[0])}") from None
-    cfg.ablation = ablation  # recorded; set here because `ablation=` on Hydra's line means the group
+    # recorded; set here because `ablation=` on Hydra's line means the group
+    cfg.ablation = defaults.ablation = ablation
     if cfg.method.name != method:
         raise UserError(f"configs/method/{method}.yaml must set name: {method} (it says {cfg.method.name!r})")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"required setting(s) not given: {', '.join(missing)} (add e.g. {missing[0]}=/path)")
+    check_config(cfg, defaults)
     return cfg
 
 
 def ablation_parameters(method: str) -> dict[str, str]:
     """The method's one-switch ablations: `NAME-VALUE` sets `method.<key>` to VALUE (its config's
     `ablation_parameters`, e.g. attmim-share -> image_masking.attention_share)."""
-    compose, ctx = _hydra()
-    with ctx:
-        cfg = compose(config_name="config", overrides=[f"method={method}"])
-    return {k: v for k, v in (cfg.method.get("ablation_parameters") or {}).items() if v}
+    return ablation_catalogue([method])[method][1]
 
 
 def _parametric_ablation(method: str, ablation: str, named: list[str]) -> str:

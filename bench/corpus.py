@@ -143,11 +143,12 @@ class MixedBatchSampler(Sampler[list[int]]):
     the other pools are drawn without replacement, reshuffled each time they run out.
     """
 
-    def __init__(self, sizes: dict[str, int], per_batch: dict[str, int], seed: int):
+    def __init__(self, sizes: dict[str, int], per_batch: dict[str, int], seed: int,
+                 setting: str = "trainer.batch_size"):
         main = "paired" if sizes.get("paired") else max(sizes, key=sizes.get)
         if sizes[main] < per_batch[main] or per_batch[main] == 0:
-            raise UserError(f"the {main} training samples ({sizes[main]}) do not fill one batch's share of "
-                            f"{per_batch[main]}")
+            raise UserError(f"{setting}={sum(per_batch.values())}: the {sizes[main]} {main} training samples do not "
+                            f"fill one batch's share of {per_batch[main]}; lower {setting} (or add {main} data)")
         self.sizes, self.per_batch, self.seed, self.main = sizes, per_batch, seed, main
         starts = np.cumsum([0, *sizes.values()])
         self.offsets = dict(zip(sizes, starts[:-1].tolist()))

@@ -86,6 +86,21 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UnreadableImage(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
 
 
+def files_sha256(paths: Sequence[str | Path]) -> str:
+    """Identifies the files the paths name as they are now: each one's absolute path, size and modification
+    time, and the reader's version (the identity the image cache keys its entries by). A file replaced or
+    edited in place, or the same names under another root, give another digest; reading no file's content
+    keeps this to one stat per image."""
+    digest = hashlib.sha256(f"reader {READER_VERSION}\n".encode())
+    for path in paths:
+        try:
+            st = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{os.path.abspath(path)}|missing\n".encode())
+    return digest.hexdigest()
+
+
 def resize_and_pad(img: np.ndarray, size: int) -> np.ndarray:
     """Longer side to `size` keeping the aspect ratio (area-averaged when shrinking), then zero-pad to a
     centred square, as GLoRIA/MGCA do."""
@@ -184,14 +199,9 @@ def decode_all(cache: ImageCache, paths: Sequence[str], workers: int = 0) -> lis
         return [e for part in pool.map(_check, jobs) for e in part]
 
 
-CORRUPT_POLICIES = ("skip", "error")
-
-
 def usable(cache: ImageCache, paths: Sequence[str], policy: str, what: str, workers: int = 0) -> np.ndarray:
     """Boolean mask of readable images. Unreadable ones are counted and skipped (`skip`) or stop the run
     with the first file's message (`error`), before any epoch starts rather than in the middle of one."""
-    if policy not in CORRUPT_POLICIES:
-        raise UserError(f"data.corrupt_images must be one of {', '.join(CORRUPT_POLICIES)}, got {policy!r}")
     errors = decode_all(cache, paths, workers)
     bad = [e for e in errors if e is not None]
     if bad and policy == "error":

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -24,10 +25,10 @@ from bench.corpus import MixedBatchSampler, Pool, PretrainCorpus, batch_composit
 from bench.data import ImagePreprocessor
 from bench.datasets import Task, get_adapter
 from bench.errors import UserError
-from bench.evaluation import PROTOCOLS, EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
+from bench.evaluation import FITS_LABELS, EvalContext, FeatureCache, run_protocol
 from bench.evaluation.fine_tune import remove_weights
 from bench.images import ImageCache, usable
-from bench.io import atomic_write_text, file_sha256
+from bench.io import atomic_write_text, exclusive, file_sha256, remove_stale_temporaries
 from bench.method import Method
 from bench.prompts import check_templates, label_prompt
 from bench.provenance import device_info, git_state, library_versions
@@ -187,25 +188,38 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
 def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device, validation: Validation | None = None
              ) -> tuple[Method, Path]:
     """Train (or resume, or reuse) the run of `cfg`; `validation` is called after every epoch (a sweep reports
-    to its pruner there) and does not change what is trained."""
+    to its pruner there) and does not change what is trained.
+
+    A process that finds another one training the same run waits for it and reuses its weights (a lock next
+    to the run; the kernel releases a killed holder's). The holder removes what killed writes left there."""
     phash = pretrain_hash(cfg)
     run_dir = store.run_dir(cfg.method.name, cfg.ablation, phash, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    method = build_method(cfg, cfg.seed)
     final = run_dir / "final.pt"
+    method = build_method(cfg, cfg.seed)
     if not distributed.agree(final.exists()):
-        with distributed.main_first():  # rank 0 generates and decodes the data; the others then find it cached
-            corpus, sampler, summary = build_corpus(cfg, cfg.seed)
-        if distributed.is_main():
-            atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
-        method.prepare(corpus)
-        trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress,
-                          loader_workers(cfg.runtime.num_workers, device), Speed.resolve(cfg.runtime.speed, device))
-        trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed, validation)
+        lock = exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"pretraining {run_dir.name}") \
+            if distributed.is_main() else nullcontext()
+        with lock:
+            if not distributed.agree(final.exists()):
+                _train(cfg, method, run_dir, device, validation)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
     return method.to(device), final
+
+
+def _train(cfg: DictConfig, method: Method, run_dir: Path, device: torch.device, validation: Validation | None
+           ) -> None:
+    with distributed.main_first():  # rank 0 generates and decodes the data; the others then find it cached
+        corpus, sampler, summary = build_corpus(cfg, cfg.seed)
+    if distributed.is_main():  # the run folder appears once the corpus is known to fill a batch
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(run_dir, locked=True):
+            print(f"bench: removed {stale.name}, left in {run_dir} by a killed write", file=sys.stderr)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "corpus.json", json.dumps(summary, indent=2) + "\n")
+    method.prepare(corpus)
+    trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress,
+                      loader_workers(cfg.runtime.num_workers, device), Speed.resolve(cfg.runtime.speed, device))
+    trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed, validation)
 
 
 @dataclass(frozen=True)
@@ -221,24 +235,16 @@ class Subject:
 
 
 def evaluation_jobs(cfg: DictConfig, protocol: str) -> list[tuple[float, int]]:
-    """(label fraction, eval seed) pairs of a protocol; zero-shot fits nothing, so it runs once."""
-    seeds = [int(s) for s in cfg.eval.seeds]
-    if not seeds:
-        raise UserError("eval.seeds is empty: give at least one evaluation seed, e.g. eval.seeds=[0]")
-    if protocol == "zero-shot":
-        return [(1.0, seeds[0])]
-    fractions = [float(f) for f in cfg.eval.fractions]
-    bad = [f for f in fractions if not 0 < f <= 1]
-    if bad or not fractions:
-        raise UserError(f"eval.fractions must be label fractions in (0, 1], e.g. [0.01, 0.1, 1.0]; got {fractions}")
-    return [(f, s) for f in fractions for s in seeds]
+    """(label fraction, eval seed) pairs of a protocol. Zero-shot fits nothing and draws nothing, so it is one
+    record per model and dataset, whatever eval.seeds holds and however the seeds are split over processes;
+    its record's eval seed is always 0."""
+    if protocol not in FITS_LABELS:
+        return [(1.0, 0)]
+    return [(float(f), int(s)) for f in cfg.eval.fractions for s in cfg.eval.seeds]
 
 
 def evaluation_protocols(cfg: DictConfig, joint_space: bool) -> list[str]:
     """The configured protocols this model can be evaluated with (zero-shot needs a joint space)."""
-    unknown = [p for p in cfg.eval.protocols if p not in PROTOCOLS]
-    if unknown:
-        raise UserError(f"unknown protocol(s) {', '.join(unknown)}; valid protocols: {', '.join(PROTOCOLS)}")
     return [p for p in cfg.eval.protocols if joint_space or p != "zero-shot"]
 
 
@@ -247,7 +253,6 @@ def evaluation_plan(cfg: DictConfig, subject: Subject, joint_space: bool) -> lis
     known without the model's weights, so a plan can count what is left before anything is trained."""
     keys = []
     for dataset in cfg.eval.datasets:
-        get_adapter(dataset)
         for protocol in evaluation_protocols(cfg, joint_space):
             for fraction, seed in evaluation_jobs(cfg, protocol):
                 keys.append(RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
@@ -273,44 +278,55 @@ def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsSt
     for key in evaluation_plan(cfg, subject, method.joint_space):
         if distributed.agree(store.exists(key)) and not force:
             continue
-        if key.dataset not in loaded:
-            with distributed.main_first():
-                loaded[key.dataset] = load_dataset(cfg, key.dataset)
-        data = loaded[key.dataset]
-        data.splits.used.clear()
-        data.skipped.clear()
-        started, encoded = time.perf_counter(), features.seconds
-        ctx = EvalContext(method, data, cfg, device, features, workers)
-        if key.protocol == "zero-shot":
-            result = zero_shot(ctx)
-        elif key.protocol == "linear-probe":
-            result = linear_probe(ctx, key.fraction, key.eval_seed)
-        else:
-            run_dir = store.root / "finetune" / key.method / key.stem
-            result = fine_tune(ctx, key.fraction, key.eval_seed, run_dir)
-        boot_started = time.perf_counter()
-        numbers = result.numbers(cfg.eval.bootstrap)
-        spent = {"encode_s": features.seconds - encoded, **result.timing,
-                 "bootstrap_s": time.perf_counter() - boot_started, "total_s": time.perf_counter() - started}
-        task = data.task
-        record = {
-            **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
-            "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
-            "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
-                       "unreadable_skipped": dict(data.skipped)},
-            "git": git_state(), "libraries": library_versions(), "device": device_info(device),
-            "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {}),
-        }
-        if distributed.is_main():
-            written.append(store.write(key, record, result.predictions()))
-        if key.protocol == "fine-tune" and not cfg.eval.fine_tune.keep_weights:
-            distributed.barrier()  # every rank has loaded the fine-tuned weights before they go
-            if distributed.is_main():
-                remove_weights(run_dir)
+        # another process given the same work may be doing this record: wait for it and use its record
+        with store.claim(key) if distributed.is_main() else nullcontext():
+            if distributed.agree(store.exists(key, report=False)) and not force:
+                continue
+            path, spent = _evaluate_one(cfg, method, subject, key, store, loaded, features, device, workers,
+                                        provenance)
+        if path is not None:
+            written.append(path)
         for k, v in spent.items():
             timing[k] = timing.get(k, 0.0) + v
     return {"written": written, "timing": timing, "encoder_passes": dict(features.encoded)}
+
+
+def _evaluate_one(cfg: DictConfig, method: Method, subject: Subject, key: RecordKey, store: ResultsStore,
+                  loaded: dict[str, LoadedDataset], features: FeatureCache, device: torch.device, workers: int,
+                  provenance: dict | None) -> tuple[Path | None, dict[str, float]]:
+    """One record: (its path, None on ranks other than 0; where the time went)."""
+    if key.dataset not in loaded:
+        with distributed.main_first():
+            loaded[key.dataset] = load_dataset(cfg, key.dataset)
+    data = loaded[key.dataset]
+    data.splits.used.clear()
+    data.skipped.clear()
+    started, encoded = time.perf_counter(), features.seconds
+    ctx = EvalContext(method, data, cfg, device, features, workers)
+    run_dir = store.root / "finetune" / key.method / key.stem
+    if key.protocol == "fine-tune" and distributed.is_main():
+        remove_stale_temporaries(run_dir, locked=True)
+    result = run_protocol(ctx, key.protocol, key.fraction, key.eval_seed, run_dir)
+    boot_started = time.perf_counter()
+    numbers = result.numbers(cfg.eval.bootstrap)
+    spent = {"encode_s": features.seconds - encoded, **result.timing,
+             "bootstrap_s": time.perf_counter() - boot_started, "total_s": time.perf_counter() - started}
+    task = data.task
+    record = {
+        **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
+        "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
+        "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
+                   "unreadable_skipped": dict(data.skipped)},
+        "git": git_state(), "libraries": library_versions(), "device": device_info(device),
+        "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {}),
+    }
+    path = store.write(key, record, result.predictions()) if distributed.is_main() else None
+    if key.protocol == "fine-tune" and not cfg.eval.fine_tune.keep_weights:
+        distributed.barrier()  # every rank has loaded the fine-tuned weights before they go
+        if distributed.is_main():
+            remove_weights(run_dir)
+    return path, spent
 
 
 def subject_of_run(cfg: DictConfig, checkpoint: Path) -> Subject:
@@ -337,16 +353,24 @@ def run_folder(spec: str) -> tuple[Path, Path]:
     return run_dir, weights
 
 
+EVAL_OVERRIDES = ("eval.", "data.", "runtime.")  # what `bench eval` may set: not how the model was made
+
+
 def load_checkpoint(spec: str, overrides: list[str], open_clip_config: str | None = None
                     ) -> tuple[DictConfig, Method, Subject]:
     """A model to evaluate: one of our runs (its own model/method/data config), or an open_clip-format CLIP model
-    (its own preprocessing); the eval and runtime settings are the defaults with `overrides`."""
+    (its own preprocessing); the eval and runtime settings are the defaults with `overrides`, which may set
+    eval.*, data.*, runtime.* and results_dir only (the model's own settings come with it)."""
     from bench.config import compose_config
+    from bench.config_checks import check_config, check_known, override_keys, plain_config
     from bench.external import is_external_spec, load_external
 
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise UserError(f"malformed override {bad[0]!r}: expected key=value (e.g. eval.seeds=[0,1,2])")
+    for item, key in zip(overrides, override_keys(overrides)):
+        if "=" not in item or not key:
+            raise UserError(f"malformed override {item!r}: expected key=value (e.g. eval.seeds=[0,1,2])")
+        if key != "results_dir" and not key.startswith(EVAL_OVERRIDES):
+            raise UserError(f"{item!r}: bench eval sets only eval.*, data.*, runtime.* and results_dir; how the model "
+                            f"was made ({key.split('.')[0]}) comes from its checkpoint")
     if is_external_spec(spec):
         cfg = compose_config("clip", overrides=overrides)
         model = load_external(spec, open_clip_config, "cpu")
@@ -361,16 +385,22 @@ def load_checkpoint(spec: str, overrides: list[str], open_clip_config: str | Non
     # how to evaluate is today's `eval` with the overrides, not what the run was evaluated with back then
     for key in ("eval", "runtime", "results_dir"):
         run_cfg.pop(key, None)
-    cfg = compose_config(str(run_cfg.method.name))
-    OmegaConf.set_struct(cfg, False)
-    cfg = OmegaConf.merge(cfg, run_cfg, OmegaConf.from_dotlist(overrides))
+    defaults = compose_config(str(run_cfg.method.name))
+    OmegaConf.set_struct(defaults, False)
+    made = OmegaConf.merge(defaults, run_cfg)
+    check_known(override_keys(overrides), plain_config(made))
+    try:
+        cfg = OmegaConf.merge(made, OmegaConf.from_dotlist(overrides))
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's grammar errors: the override is at fault
+        raise UserError(f"bad override in {' '.join(overrides)}: {str(exc).strip().splitlines()[0]}") from None
+    check_config(cfg, made)
     method = build_method(cfg, int(cfg.seed))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=False)["model"]
         method.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched file gets the same clear message
         raise UserError(f"{weights}: cannot load these weights into {cfg.method.name} ({exc})") from None
-    subject = subject_of_run(cfg, weights)
+    subject = subject_of_run(made, weights)  # the pretraining's identity, whatever the overrides say
     if weights.name != "final.pt":  # an unfinished run's weights are not its pretrained model: another variant
         subject = Subject(subject.method, subject.ablation, stable_hash([subject.pretrain_hash, subject.feature_key]),
                           subject.pretrain_seed, subject.checkpoint, subject.feature_key)
@@ -393,6 +423,7 @@ def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
         torch.set_num_threads(int(cfg.runtime.threads))
     device = resolve_device(cfg.runtime.device)
     store = ResultsStore(cfg.results_dir)
+    store.check_writable()
     method, final = pretrain(cfg, store, device)
     subject = subject_of_run(cfg, final)
     report_timing(subject, evaluate(cfg, method, subject, store, device, force))

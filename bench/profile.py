@@ -478,29 +478,3 @@ def main(args) -> None:
             out.close()
         shutil.rmtree(profiler.workdir, ignore_errors=True)
     print(render(rows), file=sys.stderr)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "profile", help="training speed, memory and MFU of methods on synthetic tensors and real files",
-        description="Time training steps of each METHOD[:ABLATION] x preset x input x variant and print one JSON "
-                    "line per configuration: median step time after warm-up (synchronised), images/s, peak "
-                    "memory, model FLOPs per step, and on GPU the MFU against the measured and the vendor's bf16 "
-                    "peak. A table for people follows on stderr.",
-        epilog="Trailing key=value items are Hydra overrides for every configuration, e.g. "
-               "runtime.speed.compile=false trainer.precision=fp32.")
-    p.add_argument("--methods", default="clip,mrm,mmclip",
-                   help="comma-separated METHOD[:ABLATION], or `all` (clip, mrm, mmclip and every mmclip ablation)")
-    p.add_argument("--presets", default=None, help="model presets, comma-separated (default: base on GPU, tiny on CPU)")
-    p.add_argument("--inputs", default="synthetic,files", help="synthetic (tensors in memory), files (the corpus "
-                                                               "on disk through the loader); default both")
-    p.add_argument("--variants", default="trainer", help="trainer (the trainer with runtime.speed), plain (an fp32 "
-                                                         "eager loop); comma-separated, taking turns step by step")
-    p.add_argument("--batch-size", type=int, default=None, help="trainer.batch_size (default: the config's)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; compilation happens here)")
-    p.add_argument("--loader-batches", type=int, default=20,
-                   help="batches timed from the loader alone with --inputs files (default 20; 0 = skip)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: runtime.num_workers)")
-    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides for every configuration")

@@ -116,8 +116,9 @@ class PromptSet:
 
 # --- loading -------------------------------------------------------------------------------------------
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (libyaml's parser where PyYAML has it: `bench list` reads every set), refusing a key
+    given twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -247,7 +248,7 @@ def _parse(path: Path, data: bytes) -> PromptSet:
     try:
         stream = io.StringIO(data.decode("utf-8"))
         stream.name = path.name  # PyYAML names it in its messages
-        raw = yaml.load(stream, Loader=_Loader)  # a SafeLoader
+        raw = yaml.load(stream, Loader=_Loader)  # a safe loader
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({_one_line(exc)})") from None
     except yaml.YAMLError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from bench.errors import UserError
@@ -18,7 +19,7 @@ from bench.errors import UserError
 ENTRY_POINT_GROUP = "medvlp_bench.methods"
 
 _METHODS: dict[str, type] = {}
-_loaded = False
+_loaded = _entry_points_loaded = False
 
 M = TypeVar("M", bound=type)
 
@@ -35,6 +36,20 @@ def register_method(name: str) -> Callable[[M], M]:
     return decorate
 
 
+def _load_entry_points() -> None:
+    """Import every entry-point plugin, once: its method registers itself and its config enters Hydra's
+    ConfigStore, which composing a config needs."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not take the harness down
+            raise UserError(f"method plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+
+
 def load_plugins() -> None:
     """Import every built-in method module and every entry-point plugin, once."""
     global _loaded
@@ -44,17 +59,18 @@ def load_plugins() -> None:
 
     for info in pkgutil.iter_modules(bench.methods.__path__):
         importlib.import_module(f"bench.methods.{info.name}")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plugin must not take the harness down
-            raise UserError(f"method plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+    _load_entry_points()
     _loaded = True
 
 
 def method_names() -> list[str]:
-    load_plugins()
-    return sorted(_METHODS)
+    """Every method: the built-in ones by their config files (configs/method/), the third-party ones by
+    their plugins. Naming them imports no built-in method module (nor torch), so listing stays instant."""
+    import bench.configs
+
+    _load_entry_points()
+    configs = Path(bench.configs.__file__).resolve().parent / "method"
+    return sorted({p.stem for p in configs.glob("*.yaml")} | set(_METHODS))
 
 
 def get_method(name: str) -> type:

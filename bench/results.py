@@ -11,13 +11,14 @@ seed, eval-settings hash), so re-running finds finished work and parallel worker
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from bench.errors import UserError
-from bench.io import atomic_write, atomic_write_json
+from bench.io import atomic_write, atomic_write_json, exclusive, remove_stale_temporaries, temporary_name
 
 SCHEMA_VERSION = 2  # 2: bootstrap CIs and replicates, thresholds, timing, fine-tune records
 
@@ -44,14 +45,42 @@ class ResultsStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
 
+    def check_writable(self) -> None:
+        """Refuse, before any work, a results folder that cannot be written (read-only, a file, no space)."""
+        probe = temporary_name(self.root / "write-probe")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"results folder {self.root} is not writable ({exc.strerror or exc}); choose another "
+                            f"with --results-dir") from None
+
     def record_path(self, key: RecordKey) -> Path:
         return self.root / "records" / key.method / f"{key.stem}.json"
 
-    def exists(self, key: RecordKey) -> bool:
-        return self.record_path(key).exists()
+    def exists(self, key: RecordKey, report: bool = True) -> bool:
+        """Whether the record is finished: a whole record with its predictions beside it. A file that is not
+        (truncated by a crash or a full disk, or edited) is reported (unless not `report`), and its evaluation
+        is done again."""
+        path = self.record_path(key)
+        if not path.exists():
+            return False
+        _, problem = read_record(path)
+        if problem is None and not (path.parent / f"{key.stem}.predictions.csv.gz").exists():
+            problem = "its predictions file is missing"
+        if problem is not None and report:
+            print(f"bench: {path} is not a finished record ({problem}); evaluating it again", file=sys.stderr)
+        return problem is None
+
+    def claim(self, key: RecordKey):
+        """A lock on one evaluation, so two processes given the same work do it once."""
+        path = self.record_path(key)
+        return exclusive(path.with_name(f".{key.stem}.lock"), f"the evaluation {path.name}")
 
     def write(self, key: RecordKey, record: dict, predictions: pd.DataFrame) -> Path:
         path = self.record_path(key)
+        remove_stale_temporaries(path.parent)
         pred_path = path.with_name(f"{key.stem}.predictions.csv.gz")
         # predictions first: a record on disk always has its predictions beside it
         atomic_write(pred_path, lambda fh: predictions.to_csv(fh, index=False, compression="gzip"))
@@ -60,15 +89,36 @@ class ResultsStore:
         return path
 
     def records(self) -> list[dict]:
+        """Every readable record; a `*.json` file that is not one (unreadable, foreign, truncated) is named on
+        stderr and left out, so one damaged file does not hide the rest."""
         out = []
         for path in sorted((self.root / "records").glob("*/*.json")):
-            try:
-                rec = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UserError(f"{path}: not a readable results record ({exc})") from None
+            rec, problem = read_record(path)
+            if problem is not None:
+                print(f"bench: skipped {path}: not a results record ({problem})", file=sys.stderr)
+                continue
             rec["record_path"] = str(path)
             out.append(rec)
         return out
 
     def run_dir(self, method: str, ablation: str, pretrain_hash: str, seed: int) -> Path:
         return self.root / "runs" / f"{method}-{ablation}-{pretrain_hash[:10]}-seed{seed}"
+
+
+REQUIRED = ("schema", *RecordKey.__dataclass_fields__, "metrics", "predictions_file")
+
+
+def read_record(path: Path) -> tuple[dict | None, str | None]:
+    """(the record at `path`, None), or (None, what keeps the file from being a results record)."""
+    try:
+        rec = json.loads(path.read_bytes())
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, "not JSON, or cut short"
+    if not isinstance(rec, dict):
+        return None, f"a JSON {type(rec).__name__}, not an object"
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        return None, f"no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    return rec, None

@@ -15,10 +15,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from bench.errors import UserError
 
 SWITCHES = ("compile", "tf32", "channels_last", "grad_checkpointing", "fused_optimizer", "pin_memory")
-ATTENTION = ("fused", "math")
 
 
 @dataclass(frozen=True)
@@ -33,28 +31,19 @@ class Speed:
 
     @classmethod
     def resolve(cls, settings: Mapping[str, Any] | None, device: torch.device) -> "Speed":
-        """`runtime.speed` for `device`: `auto` is on for CUDA and off for CPU (where compilation costs more than
-        it saves on small models and the rest does not apply), except `fused_optimizer`, on for both."""
+        """`runtime.speed` (checked with the rest of the configuration, bench.config_checks) for `device`: `auto`
+        is on for CUDA and off for CPU (where compilation costs more than it saves on small models and the rest
+        does not apply), except `fused_optimizer`, on for both."""
         settings = dict(settings or {})
-        unknown = sorted(set(settings) - set(SWITCHES) - {"attention"})
-        if unknown:
-            raise UserError(f"runtime.speed has unknown switch(es) {', '.join(unknown)}; switches: "
-                            f"{', '.join((*SWITCHES, 'attention'))}")
         cuda = device.type == "cuda"
         values: dict[str, Any] = {}
         for name in SWITCHES:
             value = settings.get(name, "auto")
-            if value == "auto":  # torch has fused AdamW kernels for CPU as well as CUDA
-                value = cuda or name == "fused_optimizer"
-            if not isinstance(value, bool):
-                raise UserError(f"runtime.speed.{name} must be true, false or auto, got {value!r}")
-            values[name] = value
-        attention = settings.get("attention", "fused")
-        if attention not in ATTENTION:
-            raise UserError(f"runtime.speed.attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+            # torch has fused AdamW kernels for CPU as well as CUDA
+            values[name] = (cuda or name == "fused_optimizer") if value == "auto" else bool(value)
         if not cuda:  # CUDA-only kernels and memory
             values.update(tf32=False, pin_memory=False)
-        return cls(attention=attention, **values)
+        return cls(attention=settings.get("attention", "fused"), **values)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -134,10 +123,4 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
     one; on CPU none, since workers would take cores from the model's own threads)."""
     if setting == "auto":
         return max(0, min(8, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
-    try:
-        workers = int(setting)
-    except (TypeError, ValueError):
-        workers = -1
-    if workers < 0:
-        raise UserError(f"runtime.num_workers must be a count >= 0 or auto, got {setting!r}")
-    return workers
+    return int(setting)

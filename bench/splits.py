@@ -24,7 +24,7 @@ import pandas as pd
 
 from bench.datasets.base import Task
 from bench.errors import UserError
-from bench.io import atomic_write_text
+from bench.io import UnwritableDestination, atomic_write_text
 
 FRACTION_SEED = 42
 DEFAULT_FRACTIONS = (0.01, 0.1)
@@ -116,14 +116,17 @@ class SplitFiles:
         """Write `name` unless it exists; check an existing one against its recorded hash (a list
         dropped in by hand is adopted and its hash recorded)."""
         path = self.directory / name
-        if not path.exists():
-            text = _ids_text(ids)
-            atomic_write_text(path, text)
-            self._record(name, _sha256(text))
-        digest, recorded = _sha256(path.read_text()), self._sums().get(name)
-        if recorded is None:
-            self._record(name, digest)
-        elif digest != recorded:
+        try:  # a read-only folder is fine once every file is there: only a missing one is written
+            if not path.exists():
+                text = _ids_text(ids)
+                atomic_write_text(path, text)
+                self._record(name, _sha256(text))
+            digest, recorded = _sha256(path.read_text()), self._sums().get(name)
+            if recorded is None:
+                self._record(name, digest)
+        except UnwritableDestination as exc:
+            raise UnwritableDestination(f"data.splits_dir: {exc}") from None
+        if recorded is not None and digest != recorded:
             raise UserError(f"{path}: split file changed since it was written (SHA-256 {digest[:12]}, "
                             f"recorded {recorded[:12]}); delete the folder to rebuild it")
         return digest

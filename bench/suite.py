@@ -291,29 +291,6 @@ def run(suite: Suite, units: list[Unit], store: ResultsStore, worker: int = 1, w
     return counts
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "suite", usage="bench suite NAME_OR_PATH [--worker I/N] [--dry-run] [--results-dir DIR] [key=value ...]",
-        help="run a grid of experiments from a suite file (resumable, splittable across workers)",
-        description="Pretrain and evaluate every run of a suite (configs/suite/NAME.yaml or a path): methods x "
-                    "ablations x pretraining seeds, each evaluated with every configured protocol, dataset, label "
-                    "fraction and evaluation seed, plus each distinct random-init baseline once. Finished steps "
-                    "are skipped, so re-running the same command after a kill continues where it stopped.",
-        epilog="examples: bench suite ablations --dry-run; bench suite ablations --worker 2/4 "
-               "--results-dir /shared/results; bench suite smoke runtime.threads=1")
-    p.add_argument("suite", metavar="NAME_OR_PATH", help="a named suite (configs/suite/) or a suite YAML file")
-    p.add_argument("--worker", default="1/1", metavar="I/N",
-                   help="run only the I-th of N shares of the units; start all N with the same command and results "
-                        "folder (default: 1/1)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and what is left; train nothing")
-    p.add_argument("--results-dir", default=None, metavar="DIR", help="results root (default: ./results)")
-    overrides = p.add_argument("overrides", nargs="+", default=[], metavar="key=value",
-                               help="Hydra overrides for every run")
-    # with nargs="*" argparse ends the overrides at the suite's name when options follow it
-    # (`bench suite NAME --worker 1/2 key=value` would be refused); "+" that may be absent waits for them
-    overrides.required = False
-
-
 def main(args: argparse.Namespace) -> None:
     worker, workers = parse_worker(args.worker)
     suite = load_suite(args.suite)
@@ -322,4 +299,5 @@ def main(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(render_plan(suite, units, store, workers))
         return
+    store.check_writable()
     run(suite, units, store, worker, workers)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from bench.config import compose_config, pretrain_hash, stable_hash, to_plain
 from bench.errors import UserError
-from bench.evaluation import FROZEN, PROTOCOLS, EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
+from bench.evaluation import FROZEN, PROTOCOLS, EvalContext, FeatureCache, run_protocol
 from bench.metrics import METRICS, task_metrics
 from bench.speed import loader_workers
 from bench.splits import sealed
@@ -180,6 +180,12 @@ class SweepSpec:
                          "seeds": self.seeds, "overrides": self.overrides,
                          "params": [{k: v for k, v in asdict(p).items() if k != "name"} for p in self.params]}
         self.study_name = self.study_name or f"{self.method}-{self.ablation}-{stable_hash(self.identity)[:8]}"
+        for p in self.params:  # every value a trial can draw is checked before the first trial runs
+            for value in p.choices or ((int(p.low), int(p.high)) if p.scale == "int" else (p.low, p.high)):
+                try:
+                    self.config(self.seeds[0], {p.key: value})
+                except UserError as exc:
+                    raise UserError(f"--param {p.name}: {exc}") from None
 
     @property
     def folder(self) -> Path:
@@ -322,14 +328,10 @@ def validation_score(cfg: DictConfig, objective: Objective, device, run_dir: Pat
             data = datasets[name]
             ctx = EvalContext(method, data, cfg, device, features, workers, report_split="val")
             for seed in [int(s) for s in cfg.eval.seeds][:1 if protocol == "zero-shot" else None]:
-                if protocol == "zero-shot":
-                    result = zero_shot(ctx)
-                elif protocol == "linear-probe":
-                    result = linear_probe(ctx, objective.fraction, seed)
-                else:
-                    folder = run_dir / "sweep-finetune" / (
-                        f"{name}-f{objective.fraction:g}-e{seed}-{eval_hash(cfg, protocol, name)[:8]}")
-                    result = fine_tune(ctx, objective.fraction, seed, folder)
+                folder = run_dir / "sweep-finetune" / (
+                    f"{name}-f{objective.fraction:g}-e{seed}-{eval_hash(cfg, protocol, name)[:8]}")
+                result = run_protocol(ctx, protocol, objective.fraction, seed, folder)
+                if protocol == "fine-tune":
                     remove_weights(folder)
                 metrics = task_metrics(data.task.kind, result.y, result.scores, data.task.labels, result.thresholds)[0]
                 values.append(float(metrics.get(objective.metric, float("nan"))))
@@ -343,20 +345,12 @@ class SurplusTrial(Exception):
     """A trial asked for after the study already held its number of trials (workers raced); not run."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def requeue_abandoned(study, storage) -> int:
     """Trials whose worker died (a RUNNING trial of a dead process on this host) or was interrupted are
     failed and queued again with the same parameters, so their pretraining resumes. Returns how many."""
     from optuna.trial import TrialState
+
+    from bench.io import process_alive
 
     host, queued = socket.gethostname(), 0
     trials = study.get_trials(deepcopy=False)
@@ -364,7 +358,7 @@ def requeue_abandoned(study, storage) -> int:
     for t in trials:
         worker = t.user_attrs.get("worker") or {}
         dead = (t.state == TrialState.RUNNING and worker.get("host") == host and worker.get("pid") != os.getpid()
-                and not _alive(int(worker.get("pid", 0))))
+                and not process_alive(int(worker.get("pid", 0))))
         if dead:
             storage.set_trial_user_attr(t._trial_id, "abandoned", "worker process died")
             study.tell(t.number, state=TrialState.FAIL)
@@ -429,6 +423,7 @@ def run_sweep(spec: SweepSpec) -> dict:
     from bench.trainer import resolve_device
 
     quiet_libraries()
+    ResultsStore(spec.results_dir).check_writable()
     study, storage = load_study(spec)
     probe = spec.config(spec.seeds[0])
     if probe.runtime.threads:
@@ -594,6 +589,7 @@ def finalize(spec: SweepSpec, final_seeds: list[int], force: bool = False) -> li
                         "objective": spec.objective.text, "params": dict(best.params),
                         "base_ablation": spec.ablation}}
     store, written = ResultsStore(spec.results_dir), []
+    store.check_writable()
     for seed in final_seeds:
         cfg = spec.config(seed, dict(best.params), ablation=f"sweep-{spec.study_name}")
         device = resolve_device(cfg.runtime.device)

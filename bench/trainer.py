@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from bench import distributed
 from bench.corpus import MixedBatchSampler, PretrainCorpus
 from bench.errors import TrainingDiverged, UserError
-from bench.io import atomic_torch_save
+from bench.io import atomic_torch_save, atomic_write_text
 from bench.method import Method
 from bench.speed import Speed
 
@@ -57,8 +57,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
@@ -129,8 +127,8 @@ class Trainer:
             return final
         steps_per_epoch = len(sampler.batches()) // cfg.accumulate
         if steps_per_epoch == 0:
-            raise UserError(f"an epoch of {len(sampler.batches())} batches is shorter than one optimiser step "
-                            f"(accumulate={cfg.accumulate})")
+            raise UserError(f"trainer.accumulate={cfg.accumulate}: an epoch of {len(sampler.batches())} batches is "
+                            f"shorter than one optimiser step; lower trainer.accumulate or trainer.batch_size")
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, int(cfg.max_steps))
@@ -303,7 +301,7 @@ class Trainer:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError):
                     break  # a torn last line from a kill
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
         return path.open("a")
 
     def _bar(self, total: int, step: int):

@@ -9,17 +9,21 @@ the raw uncertain (-1) values per label before any policy.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable
 
-import numpy as np
-import pandas as pd
 from omegaconf import DictConfig
 
+from bench._lazy import lazy_module
+from bench.config_checks import Check
 from bench.errors import UserError
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
 
 MANIFEST_COLUMNS = ["sample_id", "patient_id", "image_path", "split"]
 
@@ -51,6 +55,9 @@ class Adapter:
     config_key: ClassVar[str] = ""  # the `data.<key>` entry it reads, when not its own name
     task: Task  # a class attribute, or a property where the files decide it (COVIDx's two vocabularies)
     description: ClassVar[str] = ""
+    # valid values of its own settings (data.<key>.<setting>), checked with the rest of the configuration
+    # before any work (bench.config_checks); a setting without one is checked against its default's type
+    setting_checks: ClassVar[dict[str, Check]] = {}
 
     def __init__(self, root: str | Path, cfg: DictConfig | dict | None = None):
         self.root = Path(root).expanduser().absolute()
@@ -116,6 +123,14 @@ def adapter_names() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def adapter_settings() -> dict[str, dict[str, Check]]:
+    """data.<key> -> the setting checks its adapters declare."""
+    out: dict[str, dict[str, Check]] = {}
+    for cls in _ADAPTERS.values():
+        out.setdefault(cls.config_key or cls.name, {}).update(cls.setting_checks)
+    return out
+
+
 def get_adapter(name: str) -> type[Adapter]:
     if name not in _ADAPTERS:
         raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(adapter_names())}")
@@ -123,12 +138,33 @@ def get_adapter(name: str) -> type[Adapter]:
 
 
 def read_csv(path: Path, **kwargs) -> pd.DataFrame:
-    """pandas.read_csv with one-line errors naming the file (gzip is recognised by the suffix)."""
+    """pandas.read_csv with one-line errors naming the file (gzip is recognised by the suffix), and a file cut
+    short or with a ragged row refused, naming the line: pandas would fill a row's missing fields with blanks."""
     try:
-        return pd.read_csv(path, **kwargs)
+        df = pd.read_csv(path, **kwargs)
+        short = short_row(path, kwargs.get("sep", ","), bool(kwargs.get("skipinitialspace", False)))
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError,
             ValueError, zlib.error, csv.Error) as exc:
         raise UserError(f"{path}: cannot be read as CSV ({' '.join(str(exc).split())})") from None
+    if short is not None:
+        line, found, expected = short
+        raise UserError(f"{path}: line {line}: {found} field(s) where the header has {expected}; the file is cut "
+                        f"short or the row is ragged")
+    return df
+
+
+def short_row(path: Path, sep: str = ",", skipinitialspace: bool = False) -> tuple[int, int, int] | None:
+    """(line, fields, header's fields) of the first row with fewer fields than the header, or with non-blank
+    fields past it; None if every row is whole. Blank lines are skipped, as pandas skips them."""
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as fh:
+        rows = csv.reader(fh, delimiter=sep, skipinitialspace=skipinitialspace)
+        header = next(rows, None)
+        width = len(header or [])
+        for row in rows:
+            if row and (len(row) < width or any(field.strip() for field in row[width:])):
+                return rows.line_num, len(row), width
+    return None
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pandas as pd
 
+from bench._lazy import lazy_module
 from bench.datasets.base import (Adapter, Task, count_uncertain, finding_task, fraction_setting, label_values,
                                  patient_fold, read_csv, register_adapter, require_columns)
+from bench.config_checks import integer, one_of
 from bench.errors import UserError
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
 
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 ALL_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -73,6 +76,7 @@ class CheXpert(Adapter):
     name = "chexpert"
     description = "CheXpert: 5 competition labels, multi-label AUC; the 5x200 set for zero-shot accuracy"
     task = finding_task(COMPETITION)
+    setting_checks = {"uncertain_policy": one_of(POLICIES[:-1]), "five_by_200_seed": integer(0)}
 
     def _read_listing(self, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         path = self.require(file)

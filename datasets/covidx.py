@@ -22,11 +22,13 @@ import sys
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
+from bench._lazy import lazy_module
 from bench.datasets.base import Adapter, Task, fraction_setting, patient_fold, register_adapter
 from bench.errors import UserError
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
 
 FIELDS = ["patient_id", "filename", "class", "data_source"]
 SPLITS = ("train", "val", "test")

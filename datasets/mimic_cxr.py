@@ -16,12 +16,15 @@ import re
 import sys
 from pathlib import Path
 
-import pandas as pd
 
+from bench._lazy import lazy_module
 from bench.datasets.base import (Adapter, count_uncertain, finding_task, label_values, read_csv,
                                  register_adapter, require_columns)
-from bench.datasets.chexpert import apply_uncertain_policy
+from bench.config_checks import list_of, one_of, text
+from bench.datasets.chexpert import POLICIES, apply_uncertain_policy
 from bench.errors import UserError
+
+pd = lazy_module("pandas")
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -46,6 +49,10 @@ class MimicCxrJpg(Adapter):
     name = "mimic-cxr"
     description = "MIMIC-CXR-JPG: the paired image-report pretraining corpus (14 CheXpert-labeler labels)"
     task = finding_task(LABELS)
+    setting_checks = {"labeler": one_of(("chexpert", "negbio")), "uncertain_policy": one_of(POLICIES[:-1]),
+                      "empty_reports": one_of(("skip", "error")), "reports_root": text(null=True),
+                      "sections": list_of(text(), nonempty=True),
+                      "views": list_of(text())}
 
     def _csv(self, stem: str) -> tuple[pd.DataFrame, Path]:
         path = self.require(f"{stem}.csv", f"{stem}.csv.gz")
@@ -67,8 +74,6 @@ class MimicCxrJpg(Adapter):
         if views:
             df = df[df["ViewPosition"].isin(list(views))]
         labeler = cfg.get("labeler", "chexpert")
-        if labeler not in ("chexpert", "negbio"):
-            raise UserError(f"mimic-cxr: labeler must be chexpert or negbio, got {labeler!r}")
         labels, labels_path = self._csv(f"mimic-cxr-2.0.0-{labeler}")
         require_columns(labels, ["subject_id", "study_id", *LABELS], labels_path)
         raw = label_values(labels, LABELS, labels_path)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
+from bench._lazy import lazy_module
 from bench.datasets.base import (
     fraction_setting,
     Adapter,
@@ -31,6 +30,9 @@ from bench.datasets.base import (
     require_columns,
 )
 from bench.errors import UserError
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
           "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
@@ -62,12 +64,14 @@ def finding_matrix(findings: pd.Series, path: Path) -> np.ndarray:
     return table[codes]
 
 
-def read_list(path: Path) -> set[str]:
-    """Image names from a split list: one per line, optionally followed by labels (MRM/BenchX lists)."""
+def read_list(path: Path) -> dict[str, int]:
+    """Image name -> line number, from a split list: one name per line, optionally followed by labels
+    (MRM/BenchX lists)."""
     try:
-        return {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
+        lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot be read ({exc})") from None
+    return {line.split()[0]: i for i, line in enumerate(lines, 1) if line.strip()}
 
 
 @register_adapter
@@ -98,7 +102,7 @@ class Nih(Adapter):
             "sample_id": names.to_numpy(),
             "patient_id": patients.to_numpy(),
             "image_path": self._image_paths(names).to_numpy(),
-            "split": self._splits(names, patients),
+            "split": self._splits(names, patients, path),
             **{c: labels[:, j] for j, c in enumerate(LABELS)},
         })
         sex = next((df[c] for c in ("Patient Gender", "Patient Sex") if c in df.columns), None)
@@ -117,12 +121,17 @@ class Nih(Adapter):
                         found.setdefault(entry.name, entry.path)
         return names.map(found).fillna(str(root / "images") + os.sep + names)
 
-    def _splits(self, names: pd.Series, patients: pd.Series) -> np.ndarray:
+    def _splits(self, names: pd.Series, patients: pd.Series, metadata: Path) -> np.ndarray:
         val = fraction_setting(self.cfg, "val_fraction", 0.1)
         test_list = self.root / "test_list.txt"
         if not test_list.exists():
             return hash_split(patients, "nih", val, fraction_setting(self.cfg, "test_fraction", 0.2))
-        is_test = names.isin(read_list(test_list)).to_numpy()
+        listed = read_list(test_list)
+        absent = set(listed).difference(names)
+        if absent:  # a list cut short ends in a partial name; one of other metadata names other images
+            name = min(absent, key=listed.get)
+            raise UserError(f"{test_list}: line {listed[name]}: image {name!r} is not in {metadata.name}")
+        is_test = names.isin(list(listed)).to_numpy()
         mixed = np.intersect1d(patients[is_test].unique(), patients[~is_test].unique())
         if len(mixed):
             raise UserError(f"{test_list}: patient {mixed[0]} has images both in it and outside it; "

@@ -10,20 +10,13 @@ this harness does not reproduce). Each patientId has exactly one image, so the s
 """
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-from bench.datasets.base import (
-    fraction_setting,
-    Adapter,
-    finding_task,
-    hash_split,
-    label_values,
-    read_csv,
-    register_adapter,
-    require_columns,
-)
-
+from bench._lazy import lazy_module
+from bench.datasets.base import (Adapter, finding_task, fraction_setting, hash_split, label_values, read_csv,
+                                 register_adapter, require_columns)
 from bench.errors import UserError
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
 
 LABEL = "Pneumonia"
 

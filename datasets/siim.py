@@ -16,19 +16,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from bench.datasets.base import (
-    fraction_setting,
-    Adapter,
-    finding_task,
-    hash_split,
-    read_csv,
-    register_adapter,
-    require_columns,
-)
-
+from bench._lazy import lazy_module
+from bench.datasets.base import (Adapter, finding_task, fraction_setting, hash_split, read_csv, register_adapter,
+                                 require_columns)
 from bench.errors import UserError
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
 
 LABEL = "Pneumothorax"
 # "-1", or pairs of (offset from the end of the previous run, run length)

@@ -52,9 +52,9 @@ def test_hashes_separate_what_decides_the_numbers():
     assert pretrain_hash(a) != pretrain_hash(d)
 
 
-def test_a_downstream_dataset_changes_its_evaluations_not_the_pretrained_model():
+def test_a_downstream_dataset_changes_its_evaluations_not_the_pretrained_model(tmp_path):
     a = compose_config("clip", "none", 0)
-    rsna = compose_config("clip", "none", 0, ["data.rsna.root=/data/rsna"])
+    rsna = compose_config("clip", "none", 0, [f"data.rsna.root={tmp_path}"])
     corpus = compose_config("clip", "none", 0, ["data.mimic-cxr.sections=[impression]"])
     assert pretrain_hash(a) == pretrain_hash(rsna) != pretrain_hash(corpus)
     assert eval_hash(a, "zero-shot", "rsna") != eval_hash(rsna, "zero-shot", "rsna")

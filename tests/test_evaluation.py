@@ -8,7 +8,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench.errors import UserError
-from bench.evaluation import EvalContext, FeatureCache, fine_tune, linear_probe, zero_shot
+from bench.evaluation import EvalContext, FeatureCache
+from bench.evaluation.fine_tune import fine_tune
+from bench.evaluation.linear_probe import linear_probe
+from bench.evaluation.zero_shot import zero_shot
 from bench.evaluation.fine_tune import EarlyStopping, FineTuneModel
 from bench.metrics import accuracy, task_metrics
 from bench.pipeline import build_method, evaluate, load_dataset, random_init_subject

@@ -1,12 +1,14 @@
 """bench profile, the trainer's speed switches, and the data-path changes made for speed (one-channel corpus
 images, reports-only masked text pass)."""
 import json
+import re
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import main
+from bench.config import compose_config
 from bench.errors import UserError
 from bench.pipeline import build_corpus, build_method
 from bench.profile import count_flops, synthetic_batches, vendor_bf16_tflops
@@ -67,15 +69,14 @@ def test_speed_auto_is_off_on_cpu_and_bad_values_are_refused():
     assert Speed.resolve({"compile": "auto", "channels_last": "auto"}, CPU) == Speed(fused_optimizer=True)
     assert Speed.resolve({"compile": True}, CPU).compile
     assert not Speed.resolve({"tf32": True, "pin_memory": True}, CPU).tf32  # what only CUDA has stays off
-    with pytest.raises(UserError, match="runtime.speed.compile must be true, false or auto"):
-        Speed.resolve({"compile": "yes"}, CPU)
-    with pytest.raises(UserError, match="unknown switch"):
-        Speed.resolve({"flash": True}, CPU)
-    with pytest.raises(UserError, match="attention must be one of fused, math"):
-        Speed.resolve({"attention": "flash"}, CPU)
     assert loader_workers("auto", CPU) == 0 and loader_workers(3, CPU) == 3
-    with pytest.raises(UserError, match="runtime.num_workers"):
-        loader_workers("many", CPU)
+    for override, message in (("runtime.speed.compile=yes", "runtime.speed.compile='yes' is not valid: expected "
+                                                            "true, false or auto"),
+                              ("+runtime.speed.flash=true", "unknown setting runtime.speed.flash"),
+                              ("runtime.speed.attention=flash", "expected one of fused, math"),
+                              ("runtime.num_workers=many", "expected an integer >= 0 or auto")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            compose_config("clip", overrides=[override])
 
 
 def _loss_and_grads(method, batch, speed: Speed, seed: int = 0):

@@ -198,7 +198,7 @@ def test_a_diverging_run_is_reported_and_the_others_go_on(data_home, tmp_path, c
     ("runs: {clip: [none]}\nseeds: [a]\n", "seeds must be a non-empty list of distinct integers"),
     ("runs: {clip: [none]}\nseeds: [0]\noverrides: [seed=3]\n", "sets seed, which the suite's grid sets"),
     ("runs: {clip: [none]}\nseeds: [0]\neval_overrides: [trainer.epochs=2]\n", "is not an eval.* setting"),
-    ("runs: {clip: [none]}\nseeds: [0]\noverrides: [trainer.nope=2]\n", "clip/none: bad override"),
+    ("runs: {clip: [none]}\nseeds: [0]\noverrides: [trainer.nope=2]\n", "clip/none: unknown setting trainer.nope"),
     ("runs: [clip\n", "not a readable suite file"),
 ])
 def test_bad_suite_file_is_one_line_naming_the_file(text, message, tmp_path, capsys):

@@ -3,13 +3,17 @@
 Zero-shot and the linear probe both start from `method.encode_image` over a whole split (zero-shot then
 applies `method.project_image`), every label fraction is a subset of the train split's features, and every
 seed reuses them. So a split's images pass through the encoder at most once per model: features are kept in
-memory for the run and, when the cache has a folder, on disk as `<folder>/<dataset>/<split>.npz` with the
-sample ids and what the numbers depend on (split-file hash, preprocessing), so a later run reuses them.
+memory for the run and, when the cache has a folder, on disk as `<folder>/<dataset>/<split>.npz` with what
+the numbers depend on, so a later run reuses them: the folder is the weights' hash, and the file keeps the
+sample ids, the preprocessing, and the identity of the image files read (each one's absolute path, size and
+modification time: `bench.images.files_sha256`). A changed image, or the same dataset read from another
+root, is encoded again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,8 +28,8 @@ from torch.utils.data import DataLoader
 from bench import distributed
 from bench.data import ImagePreprocessor, ImageTextDataset, collate_images
 from bench.datasets.base import Task
-from bench.images import ImageCache
-from bench.io import atomic_write
+from bench.images import ImageCache, files_sha256
+from bench.io import UnwritableDestination, atomic_write, remove_stale_temporaries
 
 
 @torch.no_grad()
@@ -62,7 +66,7 @@ class FeatureCache:
         nor disk has them for exactly these rows and this preprocessing."""
         rows = data.rows(split)
         preprocess = data.preprocessor(augment=False)
-        meta = {"ids_sha256": ids_sha256(rows["sample_id"]),
+        meta = {"ids_sha256": ids_sha256(rows["sample_id"]), "files_sha256": files_sha256(rows["image_path"]),
                 "image": {"size": preprocess.size, "mean": preprocess.mean, "std": preprocess.std,
                           "channels": preprocess.channels}}
         key = (data.name, split, json.dumps(meta, sort_keys=True, default=str))
@@ -94,9 +98,15 @@ class FeatureCache:
 
     def _save(self, dataset: str, split: str, meta: dict, features: np.ndarray) -> None:
         path = self._path(dataset, split)
-        if path is not None and distributed.is_main():  # under torchrun every rank computes them; one writes
+        if path is None or not distributed.is_main():  # under torchrun every rank computes them; one writes
+            return
+        remove_stale_temporaries(path.parent)
+        try:
             atomic_write(path, lambda fh: np.savez(fh, features=features,
                                                    meta=np.array(json.dumps(meta, sort_keys=True, default=str))))
+        except UnwritableDestination as exc:  # a cache that cannot be written slows later runs; it stops none
+            print(f"bench: feature cache not saved: {exc}", file=sys.stderr)
+            self.folder = None
 
 
 def ids_sha256(ids) -> str:

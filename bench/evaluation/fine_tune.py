@@ -131,7 +131,7 @@ def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
         raise UserError(f"eval.fine_tune.batch_size={ft.batch_size} is the global batch; it must be divisible by "
                         f"the {world} processes")
     batch_size = min(int(ft.batch_size), len(train) // world * world)
-    sampler = MixedBatchSampler({"train": len(train)}, {"train": batch_size}, seed)
+    sampler = MixedBatchSampler({"train": len(train)}, {"train": batch_size}, seed, "eval.fine_tune.batch_size")
     steps_per_epoch = len(train) // batch_size
     trainer_cfg = OmegaConf.merge(ctx.cfg.trainer, {
         "epochs": int(ft.epochs), "batch_size": batch_size, "lr": float(ft.lr), "weight_decay": float(ft.weight_decay),
