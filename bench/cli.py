@@ -6,6 +6,7 @@ Building the parser imports nothing heavy (no torch, pandas or Hydra), so `bench
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from bench.errors import TrainingDiverged, UserError
@@ -554,14 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except OSError as exc:  # a write outside the atomic helpers (a log, a library's file): still one line
-        from bench.io import WRITE_ERRNOS
-
-        if exc.errno not in WRITE_ERRNOS:
-            raise
+    except OSError as exc:  # outside the atomic writes (a log, a library's own file): still one line
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"bench: error: cannot write{where} ({exc.strerror}); what was finished is kept: free space or "
-              f"choose a writable folder and re-run to continue", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            print(f"bench: error: cannot write{where} ({exc.strerror}); what was finished is kept: free space or "
+                  f"choose a writable folder and re-run to continue", file=sys.stderr)
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            print(f"bench: error:{where or ' a file'}: {exc.strerror}", file=sys.stderr)
+        else:
+            raise
         return 2
     return 0
 

@@ -10,7 +10,9 @@ after an hour of pretraining:
   is refused whatever the key. An integer is accepted where a number is expected.
 - **ranges and names**: `RULES` (and `PATTERNS` for every dataset's settings) say which values are valid
   where the type does not, e.g. batch sizes >= 1, label fractions in (0, 1], registered datasets, protocols
-  and prompt sets, and where `null` is allowed.
+  and prompt sets, and where `null` is allowed. Plug-ins declare their own: a dataset adapter's
+  `setting_checks` for `data.<name>.*`, a method's for `method.*`, and its `check_config` for switches that are
+  valid one by one but not together.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and not (isinstance(v, float) and math.isnan(v))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def integer(low: int | None = None, high: int | None = None, null: bool = False) -> Check:
@@ -96,12 +98,14 @@ def text(null: bool = False) -> Check:
     return check
 
 
-def list_of(item: Check, nonempty: bool = False, distinct: bool = False) -> Check:
+def list_of(item: Check, nonempty: bool = False, distinct: bool = False, length: int | None = None) -> Check:
     """A list whose every element passes `item`; its errors name the element (`eval.seeds[1]='x'`)."""
 
     def check(key: str, v: Any) -> str | None:
         if not isinstance(v, list) or (nonempty and not v):
             return f"a {'non-empty ' if nonempty else ''}list, e.g. [a, b]"
+        if length is not None and len(v) != length:
+            return f"a list of {length}"
         for i, element in enumerate(v):
             problem = item(f"{key}[{i}]", element)
             if problem:
@@ -156,7 +160,7 @@ RULES: dict[str, Check] = {
     "trainer.batch_size": integer(1),
     "trainer.lr": number(0, low_open=True),
     "trainer.weight_decay": number(0),
-    "trainer.betas": list_of(number(0, 1, high_open=True)),
+    "trainer.betas": list_of(number(0, 1, high_open=True), length=2),
     "trainer.warmup_steps": integer(0),
     "trainer.min_lr_ratio": number(0, 1),
     "trainer.accumulate": integer(1),
@@ -198,6 +202,13 @@ RULES: dict[str, Check] = {
     "data.splits_dir": text(),
     "data.cache_dir": text(null=True),
     "data.corrupt_images": one_of(("skip", "error")),
+    "model.embed_dim": integer(1),
+    "model.image.image_size": integer(1),
+    "model.image.patch_size": integer(1),
+    "model.text.max_length": integer(1),
+    "model.image.open_clip_name": text(null=True),  # null: built from the preset's fields
+    "model.image.pretrained": text(null=True),
+    "model.text.pretrained": text(null=True),  # null: a random BERT from model.text.config
     "model.image.mean": number_or_numbers,
     "model.image.std": number_or_numbers,
     "runtime.device": lambda k, v: None if isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or (
@@ -209,19 +220,19 @@ RULES: dict[str, Check] = {
     "runtime.speed.tf32": switch,
     "runtime.speed.channels_last": switch,
     "runtime.speed.fused_optimizer": switch,
+    "runtime.speed.grad_checkpointing": switch,
     "runtime.speed.pin_memory": switch,
     "runtime.speed.attention": one_of(("fused", "math")),
 }
 # every dataset's entry in `data` (data.<name>.<setting>), for the settings datasets share
 PATTERNS: dict[str, Check] = {
-    "data.*.root": folder_or_null,
     "data.*.*_fraction": number(0, 1, high_open=True),
 }
 
 
-def _rule(key: str) -> Check | None:
-    if key in RULES:
-        return RULES[key]
+def _rule(key: str, own: dict[str, Check]) -> Check | None:
+    if key in RULES or key in own:
+        return RULES.get(key) or own[key]
     parts = key.split(".")
     if len(parts) == 3 and parts[0] == "data":  # a dataset's own settings, as its adapter declares them
         from bench.datasets import adapter_settings
@@ -258,8 +269,8 @@ def _same_type(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def _walk(key: str, value: Any, default: Any, open_: bool) -> None:
-    rule = _rule(key)
+def _walk(key: str, value: Any, default: Any, open_: bool, own: dict[str, Check]) -> None:
+    rule = _rule(key, own)
     if rule is not None:
         problem = rule(key, value)
         if problem:
@@ -273,7 +284,7 @@ def _walk(key: str, value: Any, default: Any, open_: bool) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             sub = f"{key}.{k}" if key else str(k)
-            _walk(sub, v, default.get(k), sub in OPEN or key in OPEN)
+            _walk(sub, v, default.get(k), sub in OPEN or key in OPEN, own)
     elif isinstance(value, list) and default:
         for i, v in enumerate(value):
             if not _same_type(v, default[0]):
@@ -326,19 +337,32 @@ def plain_config(cfg: DictConfig) -> dict:
         raise UserError(f"bad setting: {str(exc).strip().splitlines()[0]}") from None
 
 
-def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
+def check_config(cfg: DictConfig, defaults: DictConfig, reads_corpus: bool = True) -> None:
     """Refuse `cfg` (composed from `defaults` and the user's values) if any value has the wrong type or lies
-    outside its range; see the module docstring. (`check_known` checks the overrides' keys first.)"""
+    outside its range, or a dataset it reads has no root (the pretraining corpus's only if `reads_corpus`:
+    evaluating a checkpoint reads none of it); see the module docstring. (`check_known` checks the overrides'
+    keys first.)"""
+    from bench.config import corpus_sources, dataset_settings
+    from bench.datasets import get_adapter
+    from bench.registry import get_method
+
     plain, base = plain_config(cfg), plain_config(defaults)
-    _walk("", plain, base, False)
+    method = get_method(plain["method"]["name"])
+    _walk("", plain, base, False, {f"method.{k}": check for k, check in method.setting_checks.items()})
+    method.check_config(cfg)
     e = plain["eval"]
     if set(e["protocols"]) & {"linear-probe", "fine-tune"}:
         for key in ("fractions", "seeds"):
             if not e[key]:
                 raise UserError(f"eval.{key} is empty, but eval.protocols has {', '.join(e['protocols'])}: give at "
                                 f"least one, e.g. eval.{key}={'[1.0]' if key == 'fractions' else '[0]'}")
-    for name in {*plain["eval"]["datasets"], *(n for names in plain["data"]["corpus"].values()
-                                               if isinstance(names, list) for n in names)}:
-        from bench.config import dataset_settings
-
-        dataset_settings(cfg, name)  # every dataset used has its entry in `data`
+    read = {*plain["eval"]["datasets"], *(n for names in corpus_sources(cfg).values() for n in names)} \
+        if reads_corpus else set(plain["eval"]["datasets"])
+    for name in sorted(read):
+        settings = dataset_settings(cfg, name)  # every dataset read has its entry in `data`
+        folder_or_null(f"data.{get_adapter(name).config_key or name}.root", settings.get("root"))
+    for key, entry in plain["data"].items():
+        held_out = [entry[k] for k in ("val_fraction", "test_fraction") if isinstance(entry, dict) and k in entry]
+        if len(held_out) == 2 and sum(held_out) >= 1:
+            raise UserError(f"data.{key}.val_fraction + data.{key}.test_fraction = {sum(held_out):g}: they must sum "
+                            f"below 1, or nothing is left to train on")

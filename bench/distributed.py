@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, TypeVar
 
@@ -71,6 +72,21 @@ def agree(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def holding(lock, poll_s: float = 1.0) -> Iterator[None]:
+    """`lock` (a bench.io.FileLock) held by rank 0 for the block, every rank waiting with it. The ranks agree
+    after every try, so while another job holds the lock for hours no collective call waits long enough to
+    time out (NCCL's default is 10 minutes)."""
+    main = is_main()
+    while not agree(lock.try_acquire() if main else False):
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        if main:
+            lock.release()
 
 
 def gather(obj: Any) -> list:

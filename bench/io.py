@@ -12,9 +12,8 @@ import secrets
 import socket
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, IO, Iterator
+from typing import Any, Callable, IO
 
 from bench.errors import UserError
 
@@ -148,56 +147,77 @@ def remove_stale_temporaries(folder: str | Path, locked: bool = False) -> list[P
     return removed
 
 
-def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"process {info['pid']} on {info['host']} (since {info['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+# flock's answers where a file system does not do advisory locks (Lustre without -o flock, some NFS mounts)
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_warned_no_locks = False
 
 
-@contextmanager
-def exclusive(lock: str | Path, what: str) -> Iterator[None]:
-    """Hold the lock file `lock` for the block; another process asking for it waits until it is released
-    (saying once, on stderr, that it waits for `what`). The kernel releases the lock of a process that dies,
-    killed or not, so no stale lock is ever left to take over; the file itself is deleted on release. Works
-    across machines on a file system with working flock (NFS v4, Lustre mounted with -o flock)."""
-    lock = Path(lock)
-    if fcntl is None:
-        yield
-        return
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise unwritable(lock, exc) from None
-    announced = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise unwritable(lock, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not announced:
-                print(f"bench: {what} is being done by {_holder(fd)}; waiting for it", file=sys.stderr, flush=True)
-                announced = True
+class FileLock:
+    """An exclusive advisory lock (flock) on the file `path`, for work that two processes must not both do.
+
+    The kernel releases the lock of a process that ends, killed or not, so no stale lock is ever left to take
+    over. The file itself stays (deleting it would let a process lock a file that is no longer there, which
+    NFS's cached names make possible); it holds the last holder's pid, host and start time, for the message a
+    waiting process prints once. Works across machines where the file system does flock (NFS v4, Lustre with
+    -o flock); where it does not, a warning says so and nothing is locked."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path, self.what = Path(path), what
+        self.fd: int | None = None
+        self.announced = False
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (True); else say once who holds it and return False."""
+        global _warned_no_locks
+        if fcntl is None:
+            return True
+        if self.fd is None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise unwritable(self.path, exc) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not self.announced:
+                print(f"bench: {self.what} is being done by {self._holder()}; waiting for it", file=sys.stderr,
+                      flush=True)
+                self.announced = True
+            return False
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
                 raise
-        try:  # the holder before us deletes the file on release: a lock on a deleted file locks nothing
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": HOST,
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+            if not _warned_no_locks:
+                print(f"bench: the file system of {self.path.parent} has no file locks ({exc.strerror}); two "
+                      f"processes given the same work will both do it", file=sys.stderr)
+                _warned_no_locks = True
+            return True
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": HOST,
+                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        return True
+
+    def acquire(self) -> None:
+        """Take the lock, waiting for its holder if there is one."""
+        while not self.try_acquire():
+            time.sleep(0.5)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases its lock
+            self.fd = None
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(os.pread(self.fd, 4096, 0) or b"{}")
+            return f"process {info['pid']} on {info['host']} (since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.config_checks import Check
 from bench.towers import TextBatch, Tokenizer
 
 
@@ -73,6 +75,13 @@ class Method(nn.Module):
 
     name: str = ""
     joint_space: bool = True  # False: no image-text embedding space, so no zero-shot evaluation
+    # valid values of its switches (method.<key>), checked with the rest of the configuration before any work
+    # (bench.config_checks); a switch without one is checked against its default's type
+    setting_checks: ClassVar[dict[str, Check]] = {}
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Refuse, with a UserError, switches that are valid one by one but not together; called before any work."""
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -28,7 +27,7 @@ from bench.errors import UserError
 from bench.evaluation import FITS_LABELS, EvalContext, FeatureCache, run_protocol
 from bench.evaluation.fine_tune import remove_weights
 from bench.images import ImageCache, usable
-from bench.io import atomic_write_text, exclusive, file_sha256, remove_stale_temporaries
+from bench.io import atomic_write_text, file_sha256, remove_stale_temporaries
 from bench.method import Method
 from bench.prompts import check_templates, label_prompt
 from bench.provenance import device_info, git_state, library_versions
@@ -197,9 +196,7 @@ def pretrain(cfg: DictConfig, store: ResultsStore, device: torch.device, validat
     final = run_dir / "final.pt"
     method = build_method(cfg, cfg.seed)
     if not distributed.agree(final.exists()):
-        lock = exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"pretraining {run_dir.name}") \
-            if distributed.is_main() else nullcontext()
-        with lock:
+        with distributed.holding(store.lock(f"run-{run_dir.name}", f"pretraining {run_dir.name}")):
             if not distributed.agree(final.exists()):
                 _train(cfg, method, run_dir, device, validation)
     method.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["model"])
@@ -276,10 +273,10 @@ def evaluate(cfg: DictConfig, method: Method, subject: Subject, store: ResultsSt
     written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
     loaded: dict[str, LoadedDataset] = {}
     for key in evaluation_plan(cfg, subject, method.joint_space):
-        if distributed.agree(store.exists(key)) and not force:
+        if distributed.agree(store.exists(key, report=distributed.is_main())) and not force:
             continue
         # another process given the same work may be doing this record: wait for it and use its record
-        with store.claim(key) if distributed.is_main() else nullcontext():
+        with distributed.holding(store.claim(key)):
             if distributed.agree(store.exists(key, report=False)) and not force:
                 continue
             path, spent = _evaluate_one(cfg, method, subject, key, store, loaded, features, device, workers,
@@ -393,7 +390,7 @@ def load_checkpoint(spec: str, overrides: list[str], open_clip_config: str | Non
         cfg = OmegaConf.merge(made, OmegaConf.from_dotlist(overrides))
     except Exception as exc:  # noqa: BLE001 - OmegaConf's grammar errors: the override is at fault
         raise UserError(f"bad override in {' '.join(overrides)}: {str(exc).strip().splitlines()[0]}") from None
-    check_config(cfg, made)
+    check_config(cfg, made, reads_corpus=False)
     method = build_method(cfg, int(cfg.seed))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=False)["model"]

@@ -4,6 +4,8 @@ Layout under the results root:
     records/<method>/<key>.json           one evaluation (schema below)
     records/<method>/<key>.predictions.csv.gz
     runs/<method>-<ablation>-<pretrain hash>-seed<k>/   checkpoints, metrics.jsonl, config.yaml
+    locks/                                 one lock file per run and record ever computed (safe to delete when
+                                           nothing runs)
 
 A record's key names (method, ablation, pretrain hash, pretrain seed, dataset, protocol, fraction, eval
 seed, eval-settings hash), so re-running finds finished work and parallel workers never collide.
@@ -18,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import UserError
-from bench.io import atomic_write, atomic_write_json, exclusive, remove_stale_temporaries, temporary_name
+from bench.io import FileLock, atomic_write, atomic_write_json, remove_stale_temporaries, temporary_name
 
 SCHEMA_VERSION = 2  # 2: bootstrap CIs and replicates, thresholds, timing, fine-tune records
 
@@ -73,10 +75,13 @@ class ResultsStore:
             print(f"bench: {path} is not a finished record ({problem}); evaluating it again", file=sys.stderr)
         return problem is None
 
-    def claim(self, key: RecordKey):
-        """A lock on one evaluation, so two processes given the same work do it once."""
-        path = self.record_path(key)
-        return exclusive(path.with_name(f".{key.stem}.lock"), f"the evaluation {path.name}")
+    def lock(self, name: str, what: str) -> FileLock:
+        """The lock of one piece of work (a pretraining run, a record), so two processes given it do it once;
+        lock files live in `<root>/locks/`."""
+        return FileLock(self.root / "locks" / f"{name}.lock", what)
+
+    def claim(self, key: RecordKey) -> FileLock:
+        return self.lock(f"record-{key.method}-{key.stem}", f"the evaluation {key.method}/{key.stem}")
 
     def write(self, key: RecordKey, record: dict, predictions: pd.DataFrame) -> Path:
         path = self.record_path(key)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench.config import compose_config, pretrain_hash, stable_hash, to_plain
 from bench.errors import UserError
@@ -91,7 +91,7 @@ def parse_param(spec: str, cfg: DictConfig) -> Param:
         raise UserError(f"--param {spec!r}: expected NAME=LOW:HIGH[:log|:int] or NAME=a,b,c")
     key = resolve_key(name.strip(), cfg)
     if ":" not in values:
-        choices = tuple(yaml.safe_load(v) for v in values.split(",") if v.strip())
+        choices = tuple(_value(v) for v in values.split(",") if v.strip())
         if not choices:
             raise UserError(f"--param {spec!r}: no values")
         return Param(name, key, choices=choices)
@@ -105,7 +105,20 @@ def parse_param(spec: str, cfg: DictConfig) -> Param:
         raise UserError(f"--param {spec!r}: LOW and HIGH must be numbers") from None
     if not low < high or (scale == "log" and low <= 0) or (scale == "int" and not (low.is_integer() and high.is_integer())):
         raise UserError(f"--param {spec!r}: need LOW < HIGH (positive for log, whole numbers for int)")
+    default = OmegaConf.select(cfg, key)
+    if scale != "int" and isinstance(default, int) and not isinstance(default, bool):
+        raise UserError(f"--param {spec!r}: {key} is a whole number; search it with {name}={values}:int")
     return Param(name, key, low, high, scale)
+
+
+def _value(text: str) -> Any:
+    """A listed value as the config would read it: 1e-4 is a number (YAML 1.1 reads it as text)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 @dataclass(frozen=True)

@@ -159,10 +159,13 @@ def short_row(path: Path, sep: str = ",", skipinitialspace: bool = False) -> tup
     opener = gzip.open if Path(path).suffix == ".gz" else open
     with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as fh:
         rows = csv.reader(fh, delimiter=sep, skipinitialspace=skipinitialspace)
-        header = next(rows, None)
-        width = len(header or [])
+        header = list(next(rows, None) or [])
+        while header and not header[-1].strip():  # a trailing comma on the header alone adds no column
+            header.pop()
+        width = len(header)
         for row in rows:
-            if row and (len(row) < width or any(field.strip() for field in row[width:])):
+            if any(field.strip() for field in row) and \
+                    (len(row) < width or any(field.strip() for field in row[width:])):
                 return rows.line_num, len(row), width
     return None
 

@@ -8,10 +8,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.config_checks import number
 from bench.losses import clip_loss
 from bench.method import Batch, Method, StepOutput
 from bench.registry import register_method
 from bench.towers import TextBatch, TextTower, VisionTower
+
+
+# the switches of the joint space (temperature) that every method with one shares
+JOINT_SPACE_CHECKS = {"temperature": number(0, low_open=True), "max_logit_scale": number(1, low_open=True)}
 
 
 def add_joint_space(method: Method, cfg: DictConfig) -> None:
@@ -26,6 +31,8 @@ def add_joint_space(method: Method, cfg: DictConfig) -> None:
 
 @register_method("clip")
 class CLIP(Method):
+    setting_checks = JOINT_SPACE_CHECKS
+
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         m = cfg.method

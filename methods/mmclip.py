@@ -31,12 +31,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.config_checks import integer, number, one_of
 from bench.corpus import CorpusCollate
 from bench.decoders import ImageDecoder, TextDecoder, patchify
 from bench.errors import UserError
 from bench.losses import clip_loss, rank_weight
-from bench.methods.clip import add_joint_space
 from bench.masking import IGNORE, TextMasker, mask_counts, select_patches
+from bench.masking import STRATEGIES as TEXT_STRATEGIES
+from bench.methods.clip import JOINT_SPACE_CHECKS, add_joint_space
 from bench.method import Batch, Method, StepOutput
 from bench.registry import register_method
 from bench.towers import TextBatch, TextTower, VisionTower
@@ -47,6 +49,31 @@ IMAGE_STRATEGIES = ("attention", "random")
 
 @register_method("mmclip")
 class MMCLIP(Method):
+    setting_checks = {
+        **JOINT_SPACE_CHECKS,
+        **{f"loss_weights.{k}": number(0) for k in ("itc", "mim", "mlm")},
+        "image_masking.strategy": one_of(IMAGE_STRATEGIES),
+        "image_masking.mask_ratio": number(0, 1, high_open=True),
+        "image_masking.attention_share": number(0, 1),
+        "image_masking.attention_source": one_of(ATTENTION_SOURCES),
+        "image_masking.min_visible": integer(1),
+        "image_masking.contrastive_view": one_of(("visible", "full")),
+        "text_masking.strategy": one_of(TEXT_STRATEGIES),
+        "text_masking.entity_mask_prob": number(0, 1),
+        "text_masking.random_ratio": number(0, 1),
+        "text_masking.vocabulary": one_of(("corpus", "full")),
+    }
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        m = cfg.method
+        if not (m.contrastive or m.image_masking.enabled or m.text_masking.enabled):
+            raise UserError(f"method {m.name}: contrastive, image_masking and text_masking are all off; "
+                            f"nothing would be trained")
+        if m.image_masking.enabled and m.image_masking.strategy == "attention" and not m.contrastive:
+            raise UserError("AttMIM (method.image_masking.strategy=attention) scores patches in the contrastive "
+                            "joint space; it needs method.contrastive=true")
+
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         m, model = cfg.method, cfg.model
@@ -57,22 +84,17 @@ class MMCLIP(Method):
         self.mim = bool(m.image_masking.enabled)
         self.mlm = bool(m.text_masking.enabled)
         self.joint_space = self.has_joint_space(cfg)
-        if not (self.itc or self.mim or self.mlm):
-            raise UserError(f"method {m.name}: contrastive, image_masking and text_masking are all off; "
-                            f"nothing would be trained")
         if self.itc:
             add_joint_space(self, cfg)
         if self.mim:
-            self._check_image_masking(m.image_masking)
+            im = m.image_masking  # min_visible against the patches the tower has, known once it is built
+            mask_counts(self.image_tower.num_patches, im.mask_ratio, im.attention_share, im.min_visible)
             dec = model.image_decoder
             self.patch = self.image_tower.patch_size
             self.image_decoder = ImageDecoder(
                 self.image_tower.width, self.image_tower.num_patches, self.patch * self.patch, dec.width,
                 dec.layers, dec.heads, self.text_tower.width if m.image_masking.decoder_attends_text else None)
         if self.mlm:
-            if m.text_masking.vocabulary not in ("corpus", "full"):
-                raise UserError(f"method.text_masking.vocabulary must be corpus or full, got "
-                                f"{m.text_masking.vocabulary!r}")
             dec = model.text_decoder
             self.text_decoder = TextDecoder(self.text_tower.width, dec.layers, dec.heads, self.image_tower.width)
             width = self.text_tower.width
@@ -85,20 +107,6 @@ class MMCLIP(Method):
             self.register_buffer("mlm_vocabulary", torch.ones(self.tokenizer.vocab_size, dtype=torch.bool))
         if m.freeze_text:
             self.text_tower.requires_grad_(False)
-
-    def _check_image_masking(self, im: DictConfig) -> None:
-        if im.strategy not in IMAGE_STRATEGIES:
-            raise UserError(f"method.image_masking.strategy must be one of {', '.join(IMAGE_STRATEGIES)}, "
-                            f"got {im.strategy!r}")
-        if im.attention_source not in ATTENTION_SOURCES:
-            raise UserError(f"method.image_masking.attention_source must be one of {', '.join(ATTENTION_SOURCES)}"
-                            f", got {im.attention_source!r}")
-        if im.contrastive_view not in ("visible", "full"):
-            raise UserError(f"method.image_masking.contrastive_view must be visible or full, got {im.contrastive_view!r}")
-        if im.strategy == "attention" and not self.itc:
-            raise UserError("AttMIM (image_masking.strategy=attention) scores patches in the contrastive joint "
-                            "space; it needs method.contrastive=true")
-        mask_counts(self.image_tower.num_patches, im.mask_ratio, im.attention_share, im.min_visible)
 
     # --- what evaluators use -------------------------------------------------------------------------
     @classmethod

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.config import compose_config
+from bench.sweep import parse_param
 from bench.pipeline import build_method, evaluate, random_init_subject
 from bench.results import ResultsStore
 from conftest import TINY
@@ -109,6 +111,13 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
         (run + [f"data.rsna.root={tmp_path}/absent"], f"data.rsna.root: {tmp_path}/absent does not exist"),
         (run + ["method.temperature=warm"], "method.temperature='warm' is not valid: expected a number"),
         (run + ["model.image.layers=two"], "model.image.layers='two' is not valid: expected an integer"),
+        (run + ["--ablation", "mask-ratio-1.5"], "unknown ablation 'mask-ratio-1.5' for method 'clip'"),
+        (["run", "--method", "mmclip", "--ablation", "mask-ratio-1.5", *TINY],
+         "method.image_masking.mask_ratio=1.5 is not valid: expected a number in [0, 1)"),
+        (["run", "--method", "mmclip", "method.contrastive=false", *TINY], "it needs method.contrastive=true"),
+        (run + ["trainer.betas=[0.9]"], "trainer.betas=[0.9] is not valid: expected a list of 2"),
+        (run + ["trainer.lr=inf"], "trainer.lr=inf is not valid"),
+        (run + ["data.rsna.val_fraction=0.5", "data.rsna.test_fraction=0.5"], "must sum below 1"),
         (run + ["model=huge"], "valid model options: base, tiny"),
         (["run", "--method", "nope"], "unknown method 'nope'; valid methods: clip"),
         (["run", "--method", "clip", "--ablation", "nope"], "valid ablations: none, fixed-temperature"),
@@ -144,6 +153,10 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
         (["suite", "nope"], "no suite 'nope'"),
         (sweep + ["--param", "trainer.epochs=1,x"], "--param trainer.epochs: trainer.epochs='x' is not valid"),
         (sweep + ["--param", "mask_ratio=0.3:0.9"], "--param mask_ratio: no such setting"),
+        (sweep + ["--param", "trainer.epochs=1:4"], "trainer.epochs is a whole number; search it with "
+                                                    "trainer.epochs=1:4:int"),
+        (sweep + ["--method", "mmclip", "--param", "mask_ratio=0.5:1.5"],
+         "--param mask_ratio: method.image_masking.mask_ratio=1.5 is not valid: expected a number in [0, 1)"),
         (sweep + ["--param", "trainer.lr=1e-4:1e-2:log", "eval.batch_size=0"], "eval.batch_size=0 is not valid"),
         (sweep + ["--param", "trainer.lr=1e-4:1e-2:log", "--objective", "rsna:probe:auc"], "unknown protocol"),
         # data on disk
@@ -165,6 +178,19 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
                             f"wanted {expected!r}")
     assert not failures, "\n".join(failures)
     assert not list(results.glob("runs/*")) and not (results / "records").exists(), "no work was started"
+
+
+def test_legitimate_settings_pass_the_checks(tmp_path):
+    """What the checks must not refuse: nulls a preset allows, open mappings, per-channel statistics, a
+    switch on auto, sweep values written as numbers."""
+    for method, overrides in (("clip", ["model=base", "model.text.pretrained=null", "model.image.pretrained=null"]),
+                              ("mmclip", ["+model.text.config.hidden_dropout_prob=0.0",
+                                          "model.image.mean=[0.5,0.5,0.5]", "runtime.speed.grad_checkpointing=auto",
+                                          "trainer.grad_clip=null",
+                                          "+method.prompts.names.Edema=fluid", f"data.rsna.root={tmp_path}"]),
+                              ("mrm", ["eval.protocols=[]", "eval.seeds=[]", "trainer.max_steps=3"])):
+        compose_config(method, overrides=overrides)
+    assert parse_param("trainer.lr=1e-4,1e-3", compose_config("clip")).choices == (1e-4, 1e-3)
 
 
 def test_the_console_script_says_it_in_one_line_too(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.io import HOST, atomic_write_text, remove_stale_temporaries
+from bench.io import HOST, FileLock, atomic_write_text, remove_stale_temporaries
 from bench.pipeline import build_method, evaluate, random_init_subject
 from bench.results import ResultsStore
 from conftest import TINY
@@ -152,5 +152,6 @@ def test_two_processes_given_one_pretraining_do_it_once_and_a_killed_holder_is_t
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and (run_dir / "final.pt").exists()
     assert len(list(results.glob("records/*/*.json"))) == 1
-    assert not list(results.glob("runs/.*.lock")), "the lock file goes with its holder's release"
+    locks = list(results.glob("locks/*.lock"))
+    assert locks and all(FileLock(path, "test").try_acquire() for path in locks), "every lock was released"
 

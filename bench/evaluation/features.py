@@ -58,6 +58,7 @@ class FeatureCache:
     device: torch.device
     num_workers: int = 0
     memory: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # (dataset, split, ids hash) -> files_sha256 of its images
     encoded: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -66,7 +67,10 @@ class FeatureCache:
         nor disk has them for exactly these rows and this preprocessing."""
         rows = data.rows(split)
         preprocess = data.preprocessor(augment=False)
-        meta = {"ids_sha256": ids_sha256(rows["sample_id"]), "files_sha256": files_sha256(rows["image_path"]),
+        ids = ids_sha256(rows["sample_id"])
+        if (data.name, split, ids) not in self.files:  # one stat per image per run, not per protocol and fraction
+            self.files[data.name, split, ids] = files_sha256(rows["image_path"])
+        meta = {"ids_sha256": ids, "files_sha256": self.files[data.name, split, ids],
                 "image": {"size": preprocess.size, "mean": preprocess.mean, "std": preprocess.std,
                           "channels": preprocess.channels}}
         key = (data.name, split, json.dumps(meta, sort_keys=True, default=str))
