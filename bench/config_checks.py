@@ -237,9 +237,9 @@ def _rule(key: str, own: dict[str, Check]) -> Check | None:
     if len(parts) == 3 and parts[0] == "data":  # a dataset's own settings, as its adapter declares them
         from bench.datasets import adapter_settings
 
-        own = adapter_settings().get(parts[1], {}).get(parts[2])
-        if own is not None:
-            return own
+        declared = adapter_settings().get(parts[1], {}).get(parts[2])
+        if declared is not None:
+            return declared
     return next((check for pattern, check in PATTERNS.items() if fnmatch.fnmatchcase(key, pattern)), None)
 
 
