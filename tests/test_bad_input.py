@@ -1,7 +1,6 @@
 """Every bad input is one line on stderr that names the key or file and what is valid, exit code 2, before any
 work starts; an unwritable or full destination is one clear line and loses nothing finished; files in a
 results folder that are not records are named and skipped."""
-import os
 import resource
 import shutil
 import signal
