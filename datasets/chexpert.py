@@ -21,12 +21,21 @@ from __future__ import annotations
 
 import os
 
-
-from bench._lazy import lazy_module
-from bench.datasets.base import (Adapter, Task, count_uncertain, finding_task, fraction_setting, label_values,
-                                 patient_fold, read_csv, register_adapter, require_columns)
-from bench.config_checks import integer, one_of
-from bench.errors import UserError
+from bench.core.errors import UserError
+from bench.core.lazy import lazy_module
+from bench.data.adapter import (
+    Adapter,
+    Task,
+    count_uncertain,
+    finding_task,
+    fraction_setting,
+    label_values,
+    patient_fold,
+    read_csv,
+    register_adapter,
+    require_columns,
+)
+from bench.experiment.config_checks import integer, one_of
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

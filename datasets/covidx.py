@@ -22,10 +22,15 @@ import sys
 from functools import cached_property
 from pathlib import Path
 
-
-from bench._lazy import lazy_module
-from bench.datasets.base import Adapter, Task, fraction_setting, patient_fold, register_adapter
-from bench.errors import UserError
+from bench.core.errors import UserError
+from bench.core.lazy import lazy_module
+from bench.data.adapter import (
+    Adapter,
+    Task,
+    fraction_setting,
+    patient_fold,
+    register_adapter,
+)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

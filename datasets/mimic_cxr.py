@@ -16,13 +16,19 @@ import re
 import sys
 from pathlib import Path
 
-
-from bench._lazy import lazy_module
-from bench.datasets.base import (Adapter, count_uncertain, finding_task, label_values, read_csv,
-                                 register_adapter, require_columns)
-from bench.config_checks import list_of, one_of, text
+from bench.core.errors import UserError
+from bench.core.lazy import lazy_module
+from bench.data.adapter import (
+    Adapter,
+    count_uncertain,
+    finding_task,
+    label_values,
+    read_csv,
+    register_adapter,
+    require_columns,
+)
 from bench.datasets.chexpert import POLICIES, apply_uncertain_policy
-from bench.errors import UserError
+from bench.experiment.config_checks import list_of, one_of, text
 
 pd = lazy_module("pandas")
 

@@ -17,19 +17,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-from bench._lazy import lazy_module
-from bench.datasets.base import (
-    fraction_setting,
+from bench.core.errors import UserError
+from bench.core.lazy import lazy_module
+from bench.data.adapter import (
     Adapter,
     finding_task,
+    fraction_setting,
     hash_split,
     patient_fold,
     read_csv,
     register_adapter,
     require_columns,
 )
-from bench.errors import UserError
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

@@ -10,10 +10,18 @@ this harness does not reproduce). Each patientId has exactly one image, so the s
 """
 from __future__ import annotations
 
-from bench._lazy import lazy_module
-from bench.datasets.base import (Adapter, finding_task, fraction_setting, hash_split, label_values, read_csv,
-                                 register_adapter, require_columns)
-from bench.errors import UserError
+from bench.core.errors import UserError
+from bench.core.lazy import lazy_module
+from bench.data.adapter import (
+    Adapter,
+    finding_task,
+    fraction_setting,
+    hash_split,
+    label_values,
+    read_csv,
+    register_adapter,
+    require_columns,
+)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

@@ -1,1 +1,1 @@
-"""Method plugins. Each module registers itself with `bench.registry.register_method`."""
+"""Method plugins. Each module registers itself with `bench.core.registry.register_method`."""

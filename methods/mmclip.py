@@ -31,17 +31,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bench.config_checks import integer, number, one_of
-from bench.corpus import CorpusCollate
-from bench.decoders import ImageDecoder, TextDecoder, patchify
-from bench.errors import UserError
-from bench.losses import clip_loss, rank_weight
-from bench.masking import IGNORE, TextMasker, mask_counts, select_patches
-from bench.masking import STRATEGIES as TEXT_STRATEGIES
+from bench.core.errors import UserError
+from bench.core.registry import register_method
+from bench.data.corpus import CorpusCollate
+from bench.experiment.config_checks import integer, number, one_of
 from bench.methods.clip import JOINT_SPACE_CHECKS, add_joint_space
-from bench.method import Batch, Method, StepOutput
-from bench.registry import register_method
-from bench.towers import TextBatch, TextTower, VisionTower
+from bench.modeling.decoders import ImageDecoder, TextDecoder, patchify
+from bench.modeling.losses import clip_loss, rank_weight
+from bench.modeling.masking import IGNORE, TextMasker, mask_counts, select_patches
+from bench.modeling.masking import STRATEGIES as TEXT_STRATEGIES
+from bench.modeling.method import Batch, Method, StepOutput
+from bench.modeling.towers import TextBatch, TextTower, VisionTower
 
 ATTENTION_SOURCES = ("cross-attention", "global")
 IMAGE_STRATEGIES = ("attention", "random")

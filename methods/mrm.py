@@ -2,7 +2,7 @@
 random image and report masks, no contrastive loss and paired data only (configs/method/mrm.yaml)."""
 from __future__ import annotations
 
-from bench.registry import register_method
+from bench.core.registry import register_method
 from bench.methods.mmclip import MMCLIP
 
 

@@ -18,7 +18,7 @@ def data_home(tmp_path_factory) -> Path:
     """One tiny synthetic benchmark for the whole session (MEDVLP_BENCH_DATA points at it)."""
     home = tmp_path_factory.mktemp("data")
     os.environ["MEDVLP_BENCH_DATA"] = str(home)
-    from bench.synth import ensure_synthetic
+    from bench.data.synth import ensure_synthetic
 
     ensure_synthetic(home / "synthetic-tiny-0", "tiny", 0)
     return home
@@ -26,7 +26,7 @@ def data_home(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tiny_cfg(data_home, tmp_path):
-    from bench.config import compose_config
+    from bench.experiment.config import compose_config
 
     def make(method: str = "clip", ablation: str = "none", seed: int = 0, extra: tuple[str, ...] = ()):
         return compose_config(method, ablation, seed, [*TINY, f"results_dir={tmp_path / 'results'}", *extra])

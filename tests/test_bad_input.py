@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bench.cli import main
-from bench.config import compose_config
-from bench.sweep import parse_param
-from bench.pipeline import build_method, evaluate, random_init_subject
-from bench.results import ResultsStore
 from conftest import TINY
 from tests_support import bench_cli
+
+from bench.cli import main
+from bench.core.results import ResultsStore
+from bench.experiment.chain import build_method, evaluate, random_init_subject
+from bench.experiment.config import compose_config
+from bench.tools.sweep import parse_param
 
 BAD_JSON = {"binary.json": b"\x89PNG\r\n\x1a\n\x00\xff", "empty-object.json": b"{}", "list.json": b"[1, 2]",
             "null.json": b"null"}

@@ -1,8 +1,14 @@
 import pytest
 
-from bench.config import ablation_names, compose_config, config_hash, eval_hash, pretrain_hash
-from bench.errors import UserError
-from bench.registry import method_names
+from bench.core.errors import UserError
+from bench.core.registry import method_names
+from bench.experiment.config import (
+    ablation_names,
+    compose_config,
+    config_hash,
+    eval_hash,
+    pretrain_hash,
+)
 
 
 @pytest.mark.parametrize("method", method_names())

@@ -3,11 +3,18 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.corpus import KINDS, CorpusCollate, MixedBatchSampler, Pool, PretrainCorpus, batch_composition
-from bench.data import ImagePreprocessor
-from bench.errors import UserError
-from bench.images import ImageCache
-from bench.towers import Tokenizer
+from bench.core.errors import UserError
+from bench.data.corpus import (
+    KINDS,
+    CorpusCollate,
+    MixedBatchSampler,
+    Pool,
+    PretrainCorpus,
+    batch_composition,
+)
+from bench.data.image_datasets import ImagePreprocessor
+from bench.data.images import ImageCache
+from bench.modeling.towers import Tokenizer
 
 
 def test_batch_composition_follows_the_ratio_over_the_kinds_that_have_samples():

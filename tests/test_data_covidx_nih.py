@@ -6,14 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from tests_support import tree_digest as _digest
 
-from bench.datasets.covidx import Covidx
-from bench.datasets.nih import LABELS as NIH_LABELS
-from bench.datasets.nih import Nih
-from bench.errors import UserError
-from bench.images import read_image
-from bench.prompt_sets import get_prompt_set
-from bench.synth.png_writers import (
+from bench.core.errors import UserError
+from bench.data.images import read_image
+from bench.data.synth.png_writers import (
     covidx_class,
     covidx_image,
     nih_image,
@@ -21,7 +18,10 @@ from bench.synth.png_writers import (
     write_covidx,
     write_nih,
 )
-from tests_support import tree_digest as _digest
+from bench.datasets.covidx import Covidx
+from bench.datasets.nih import LABELS as NIH_LABELS
+from bench.datasets.nih import Nih
+from bench.evaluation.prompt_sets import get_prompt_set
 
 SEED = 3
 N_COVIDX, N_NIH = 45, 40

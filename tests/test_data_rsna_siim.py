@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from bench.datasets.rsna import Rsna
-from bench.datasets.siim import Siim, rle_decode, rle_encode
+from tests_support import correlation as _corr
+from tests_support import tree_digest as _digest
 
-from bench.errors import UserError
-from bench.images import read_image
-from bench.synth.dicom_writers import (
+from bench.core.errors import UserError
+from bench.data.images import read_image
+from bench.data.synth.dicom_writers import (
     SIZE,
     boxes,
     rsna_case,
@@ -20,7 +20,8 @@ from bench.synth.dicom_writers import (
     write_rsna,
     write_siim,
 )
-from tests_support import correlation as _corr, tree_digest as _digest
+from bench.datasets.rsna import Rsna
+from bench.datasets.siim import Siim, rle_decode, rle_encode
 
 SEED = 3
 N_RSNA, N_SIIM = 48, 64

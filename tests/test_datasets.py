@@ -5,14 +5,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
-from bench.datasets import adapter_names, get_adapter
-from bench.datasets.base import MANIFEST_COLUMNS, patients_in_several_splits
-from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
-from bench.errors import UserError
-from bench.prompt_sets import get_prompt_set, prompt_set_names
-from bench.synth import dataset_dir
 from tests_support import bench_cli
+
+from bench.core.errors import UserError
+from bench.data.adapter import MANIFEST_COLUMNS, patients_in_several_splits
+from bench.data.synth import dataset_dir
+from bench.datasets import adapter_names, get_adapter
+from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
+from bench.evaluation.prompt_sets import get_prompt_set, prompt_set_names
 
 
 def _root(data_home, name: str):
@@ -74,7 +74,7 @@ def test_chexpert_uncertain_policies(data_home):
 
 
 def test_chexpert_study_level_test_set_when_present(tmp_path):
-    from bench.synth.writers import write_chexpert
+    from bench.data.synth.writers import write_chexpert
 
     root = tmp_path / "CheXpert-v1.0-small"
     write_chexpert(root, 20, 3, 1, test_studies=12)
@@ -151,8 +151,8 @@ def test_metadata_only_roots_are_allowed_and_strict_refuses_them(tmp_path, data_
 
 
 def test_a_corrupt_image_is_skipped_before_training_or_stops_the_run(tmp_path, data_home, tiny_cfg, capsys):
-    from bench.images import UnreadableImage
-    from bench.pipeline import load_dataset
+    from bench.data.images import UnreadableImage
+    from bench.experiment.chain import load_dataset
 
     root = tmp_path / "rsna"
     shutil.copytree(_root(data_home, "rsna"), root)

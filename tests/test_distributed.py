@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bench import distributed
-from bench.config import compose_config
-from bench.corpus import MixedBatchSampler
-from bench.pipeline import build_corpus, build_method, pretrain
-from bench.results import ResultsStore
-from bench.trainer import CHECKPOINT, FINAL, Trainer
 from conftest import TINY
 from tests_support import run_dir_of
+
+from bench.core.results import ResultsStore
+from bench.data.corpus import MixedBatchSampler
+from bench.experiment.chain import build_corpus, build_method, pretrain
+from bench.experiment.config import compose_config
+from bench.train import distributed
+from bench.train.trainer import CHECKPOINT, FINAL, Trainer
 
 CPU = torch.device("cpu")
 NO_DROPOUT = ["+model.text.config.hidden_dropout_prob=0.0", "+model.text.config.attention_probs_dropout_prob=0.0"]
@@ -34,7 +34,7 @@ CASES = {
     "mmclip-itc": ("mmclip", ["method.image_masking.enabled=false", "method.text_masking.enabled=false",
                               "data.corpus.text_only=[mimic-cxr]"]),
     # ITC and EntMLM: text masks come from per-sample seeds, so both sides mask the same words, and the MLM mean
-    # is over the global batch's masked word-pieces (bench.losses.rank_weight)
+    # is over the global batch's masked word-pieces (bench.modeling.losses.rank_weight)
     "mmclip-mlm": ("mmclip", ["method.image_masking.enabled=false", "data.corpus.text_only=[mimic-cxr]"]),
     # every branch; random image masks differ between ranks, so only synchronisation is checked
     "mmclip": ("mmclip", []),

@@ -8,7 +8,9 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from bench.entities import (
+from bench.data.synth.findings import CHEXPERT_LABELS, sample_patient
+from bench.data.synth.reports import mimic_report_file, write_report
+from bench.modeling.entities import (
     _LEXICON,
     ENTITY_TYPES,
     STOP_WORDS,
@@ -17,8 +19,6 @@ from bench.entities import (
     tag_entities,
     word_spans,
 )
-from bench.synth.findings import CHEXPERT_LABELS, sample_patient
-from bench.synth.reports import mimic_report_file, write_report
 
 KNOWN = "Loculated right pleural effusion with basilar atelectasis. No pneumothorax. Heart size is mildly enlarged."
 HANDWRITTEN = [

@@ -7,16 +7,20 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.errors import UserError
+from bench.core.errors import UserError
+from bench.core.results import ResultsStore
 from bench.evaluation import EvalContext, FeatureCache
-from bench.evaluation.fine_tune import fine_tune
-from bench.evaluation.linear_probe import linear_probe
-from bench.evaluation.zero_shot import zero_shot
-from bench.evaluation.fine_tune import EarlyStopping, FineTuneModel
-from bench.metrics import accuracy, task_metrics
-from bench.pipeline import build_method, evaluate, load_dataset, random_init_subject
-from bench.results import ResultsStore
-from bench.trainer import param_groups
+from bench.evaluation.metrics import accuracy, task_metrics
+from bench.evaluation.protocols.fine_tune import EarlyStopping, FineTuneModel, fine_tune
+from bench.evaluation.protocols.linear_probe import linear_probe
+from bench.evaluation.protocols.zero_shot import zero_shot
+from bench.experiment.chain import (
+    build_method,
+    evaluate,
+    load_dataset,
+    random_init_subject,
+)
+from bench.train.trainer import param_groups
 
 CPU = torch.device("cpu")
 
@@ -232,7 +236,7 @@ def test_run_writes_every_protocol_fraction_and_seed_with_the_random_init_baseli
 
 def test_bench_eval_of_a_run_folder_reproduces_the_run_records(tiny_cfg, tmp_path):
     from bench.cli import main
-    from bench.pipeline import run_experiment
+    from bench.experiment.chain import run_experiment
 
     cfg = tiny_cfg(extra=("eval.datasets=[rsna]", "eval.protocols=[linear-probe]", "eval.random_init_baseline=false",
                           "trainer.max_steps=2"))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import bench  # noqa: F401  (its import hook lets open_clip's torchvision import on a CPU torch)
-from bench.errors import UserError
-from bench.external import ExternalCLIP, is_external_spec, load_external
-from bench.towers import TextBatch
+from bench.core.errors import UserError
+from bench.modeling.external import ExternalCLIP, is_external_spec, load_external
+from bench.modeling.towers import TextBatch
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -222,7 +222,7 @@ def test_unknown_pretrained_tag_lists_the_known_ones(no_network):
 
 def test_tags_trained_with_quick_gelu_get_it(no_network):
     """open_clip only warns when a tag needs QuickGELU and the config says GELU; we build what the tag needs."""
-    from bench.external import _parse
+    from bench.modeling.external import _parse
 
     assert _parse("open_clip:ViT-B-16:openai", None).force_quick_gelu
     assert not _parse("open_clip:ViT-B-16-quickgelu:openai", None).force_quick_gelu  # the config has it already

@@ -1,11 +1,17 @@
 import numpy as np
 import pytest
 from PIL import Image
-
-import bench.images as images
-from bench.images import ImageCache, UnreadableImage, read_image, resize_and_pad, usable
-from bench.synth.dicom_writers import write_dicom
 from tests_support import correlation as _corr
+
+import bench.data.images as images
+from bench.data.images import (
+    ImageCache,
+    UnreadableImage,
+    read_image,
+    resize_and_pad,
+    usable,
+)
+from bench.data.synth.dicom_writers import write_dicom
 
 
 def _drawing(h: int = 60, w: int = 48) -> np.ndarray:

@@ -14,7 +14,7 @@ def test_wheel_ships_configs_and_keeps_datasets_inside_bench(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("bench/configs/config.yaml", "bench/configs/ablation/clip/fixed-temperature.yaml",
                      "bench/configs/model/tiny.yaml", "bench/datasets/chexpert.py", "bench/methods/clip.py",
-                     "bench/prompt_sets/chexzero.yaml"):
+                     "bench/evaluation/prompt_sets/chexzero.yaml"):
         assert required in names, required
     top_level = {n.split("/")[0] for n in names}
     assert not top_level & {"datasets", "methods", "configs"}, top_level

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from bench.losses import clip_loss
+from bench.modeling.losses import clip_loss
 
 
 def _reference(img: np.ndarray, txt: np.ndarray, scale: float) -> float:

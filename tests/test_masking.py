@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.entities import STOP_WORDS, tag_entities, word_spans
-from bench.errors import UserError
-from bench.masking import IGNORE, TextMasker, mask_counts, select_patches
-from bench.prompts import label_prompt
-from bench.towers import Tokenizer
+from bench.core.errors import UserError
+from bench.modeling.entities import STOP_WORDS, tag_entities, word_spans
+from bench.modeling.label_prompts import label_prompt
+from bench.modeling.masking import IGNORE, TextMasker, mask_counts, select_patches
+from bench.modeling.towers import Tokenizer
 
 TEMPLATES = {"positive": "There is {finding}.", "uncertain": "There may be {finding}.",
              "negative": "No {finding}.", "normal": "No acute cardiopulmonary abnormality."}

@@ -4,10 +4,21 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.config import ablation_names, ablation_parameters, compose_config, to_plain
-from bench.pipeline import build_corpus, build_method, evaluate, pretrain, subject_of_run
-from bench.results import ResultsStore
-from bench.towers import TextBatch
+from bench.core.results import ResultsStore
+from bench.experiment.chain import (
+    build_corpus,
+    build_method,
+    evaluate,
+    pretrain,
+    subject_of_run,
+)
+from bench.experiment.config import (
+    ablation_names,
+    ablation_parameters,
+    compose_config,
+    to_plain,
+)
+from bench.modeling.towers import TextBatch
 
 # text-only rows too, so one batch holds every kind of sample
 ALL_KINDS = ("data.corpus.text_only=[mimic-cxr]",)
@@ -37,7 +48,7 @@ def _first_batch(cfg, method):
 
 
 def test_every_method_and_ablation_is_covered(tiny_cfg):
-    from bench.registry import method_names
+    from bench.core.registry import method_names
 
     named = {(m, a) for m in method_names() for a in ablation_names(m)}
     assert named <= set(EXPECTED_LOSSES)
@@ -104,7 +115,7 @@ def test_ablations_change_exactly_the_switches_they_claim(tiny_cfg):
 
 
 def test_unknown_ablations_name_the_valid_ones(tiny_cfg):
-    from bench.errors import UserError
+    from bench.core.errors import UserError
 
     with pytest.raises(UserError, match="attmim-share-<number>"):
         tiny_cfg("mmclip", "attmim-share-lots")
@@ -187,7 +198,7 @@ def test_bench_mask_json_for_a_report(data_home, capsys):
 def test_bench_mask_png_for_a_dataset_sample(data_home, tmp_path, tiny_cfg, capsys):
     from PIL import Image
 
-    from bench.pipeline import load_dataset
+    from bench.experiment.chain import load_dataset
 
     cfg = tiny_cfg("mmclip")
     sample = load_dataset(cfg, "mimic-cxr", with_reports=True).manifest["sample_id"].iloc[0]

@@ -3,10 +3,16 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from test_table import _rec, _truth, _write
 
-from bench.errors import UserError
-from bench.plots import bar_data, figure_bars, fraction_data, roc_data, write_plots
-from bench.results import ResultsStore
-from bench.stats import combined_ci
+from bench.core.errors import UserError
+from bench.core.results import ResultsStore
+from bench.evaluation.stats import combined_ci
+from bench.report.plots import (
+    bar_data,
+    figure_bars,
+    fraction_data,
+    roc_data,
+    write_plots,
+)
 
 
 @pytest.fixture()

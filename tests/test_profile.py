@@ -8,11 +8,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import main
-from bench.config import compose_config
-from bench.errors import UserError
-from bench.pipeline import build_corpus, build_method
-from bench.profile import count_flops, synthetic_batches, vendor_bf16_tflops
-from bench.speed import Speed, accelerated_modules, loader_workers
+from bench.core.errors import UserError
+from bench.experiment.chain import build_corpus, build_method
+from bench.experiment.config import compose_config
+from bench.tools.profile import count_flops, synthetic_batches, vendor_bf16_tflops
+from bench.train.speed import Speed, accelerated_modules, loader_workers
 
 CPU = torch.device("cpu")
 

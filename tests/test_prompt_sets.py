@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.core.errors import UserError
 from bench.datasets import Task, adapter_names, get_adapter
 from bench.datasets.covidx import VOCABULARIES
-from bench.errors import UserError
-from bench.prompt_sets import (
+from bench.evaluation.prompt_sets import (
     SETS_DIR,
     ClassPrompts,
     compose_prompts,

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from bench.errors import UserError
-from bench.registry import get_method, method_names, register_method
+from bench.core.errors import UserError
+from bench.core.registry import get_method, method_names, register_method
 
 
 def test_builtin_methods_register_themselves():
@@ -30,7 +30,7 @@ def test_third_party_method_via_entry_point(tmp_path):
     """A package installed elsewhere registers a method and its config; `bench list` and composition see it."""
     (tmp_path / "toyplugin.py").write_text(textwrap.dedent("""
         from hydra.core.config_store import ConfigStore
-        from bench.registry import register_method
+        from bench.core.registry import register_method
         from bench.methods.clip import CLIP
 
         @register_method("toy")
@@ -47,7 +47,7 @@ def test_third_party_method_via_entry_point(tmp_path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[medvlp_bench.methods]\ntoy = toyplugin\n")
     code = ("from bench.cli import main; main(['list']);"
-            "from bench.config import compose_config; c = compose_config('toy', 'cold');"
+            "from bench.experiment.config import compose_config; c = compose_config('toy', 'cold');"
             "print('temperature', c.method.temperature)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from bench.io import HOST, FileLock, atomic_write_text, remove_stale_temporaries
-from bench.pipeline import build_method, evaluate, random_init_subject
-from bench.results import ResultsStore
 from conftest import TINY
 from tests_support import run_dir_of
+
+from bench.core.io import HOST, FileLock, atomic_write_text, remove_stale_temporaries
+from bench.core.results import ResultsStore
+from bench.experiment.chain import build_method, evaluate, random_init_subject
 
 CPU = torch.device("cpu")
 

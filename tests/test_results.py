@@ -2,9 +2,10 @@ import json
 import multiprocessing as mp
 
 import pandas as pd
+from tests_support import record_key as _key
+from tests_support import write_records as _writer
 
-from bench.results import ResultsStore
-from tests_support import record_key as _key, write_records as _writer
+from bench.core.results import ResultsStore
 
 
 def _two_writers(root, n: int, shared_key: bool) -> None:

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.datasets.base import Task
-from bench.errors import UserError
-from bench.splits import fraction_file, materialise
+from bench.core.errors import UserError
+from bench.data.adapter import Task
+from bench.data.splits import fraction_file, materialise
 
 
 def _manifest(n: int = 1000, classes: int = 3, seed: int = 0) -> pd.DataFrame:

@@ -3,10 +3,18 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
-from bench import stats
-from bench.metrics import choose_thresholds, task_metrics
-from bench.stats import (bootstrap, combined_ci, delong, holm, paired_bootstrap, percentile_ci, resample_indices,
-                         significance_marker)
+from bench.evaluation import stats
+from bench.evaluation.metrics import choose_thresholds, task_metrics
+from bench.evaluation.stats import (
+    bootstrap,
+    combined_ci,
+    delong,
+    holm,
+    paired_bootstrap,
+    percentile_ci,
+    resample_indices,
+    significance_marker,
+)
 
 
 def _multi_label(seed: int, n: int = 200, classes: int = 3, signal: float = 0.6):
@@ -24,7 +32,7 @@ def _multi_class(seed: int, n: int = 200, classes: int = 3):
 
 
 def _sklearn_macro(kind: str, y: np.ndarray, s: np.ndarray, thresholds: np.ndarray | None) -> dict[str, float]:
-    """The macro metrics, by scikit-learn, written out independently of bench.metrics."""
+    """The macro metrics, by scikit-learn, written out independently of bench.evaluation.metrics."""
     defined = [c for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
     out = {"auc": np.mean([roc_auc_score(y[:, c], s[:, c]) for c in defined]) if defined else np.nan}
     if kind == "multi-class":

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from tests_support import tree_digest
 
 from bench.cli import main as cli_main
-from bench.results import ResultsStore
-from bench.suite import load_suite, plan
-from tests_support import tree_digest
+from bench.core.results import ResultsStore
+from bench.tools.suite import load_suite, plan
 
 EXE = str(Path(sys.executable).with_name("bench"))
 UNIT_LINE = re.compile(r"\] (pretrain|random-init) (\S+) seed (\d+): (.*)")
@@ -58,14 +58,14 @@ def _kill_when(proc: subprocess.Popen, ready) -> None:
 
 def test_dry_run_counts_a_fresh_grid_with_shared_baselines_and_worker_shares(data_home, tmp_path, capsys,
                                                                             monkeypatch):
-    import bench.images
-    from bench.method import Method
+    import bench.data.images
+    from bench.modeling.method import Method
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run builds no model and reads no image")
 
     monkeypatch.setattr(Method, "__init__", refuse)
-    monkeypatch.setattr(bench.images, "read_image", refuse)
+    monkeypatch.setattr(bench.data.images, "read_image", refuse)
     suite = tmp_path / "grid.yaml"
     # mask-ratio-0.75 sets the default value: its own pretraining run, but the same untrained model as none
     suite.write_text("runs:\n  mmclip: [none, mask-ratio-0.75]\n  mrm: [none]\nseeds: [0, 1]\n"
@@ -166,7 +166,7 @@ def test_two_workers_on_one_results_folder_split_the_work_and_do_each_step_once(
 
 
 def test_a_diverging_run_is_reported_and_the_others_go_on(data_home, tmp_path, capsys, monkeypatch):
-    from bench.registry import get_method
+    from bench.core.registry import get_method
 
     clip = get_method("clip")
     step = clip.training_step

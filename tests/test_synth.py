@@ -1,11 +1,11 @@
 import numpy as np
 import pandas as pd
 import pytest
-
-from bench.datasets import get_adapter
-from bench.errors import UserError
-from bench.synth import dataset_dir, ensure_synthetic
 from tests_support import tree_digest as _digest
+
+from bench.core.errors import UserError
+from bench.data.synth import dataset_dir, ensure_synthetic
+from bench.datasets import get_adapter
 
 CHEXPERT_DIR, MIMIC_DIR = dataset_dir("chexpert"), dataset_dir("mimic-cxr")
 

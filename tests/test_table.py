@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import bench.stats
-from bench.errors import UserError
-from bench.metrics import task_metrics
-from bench.results import RecordKey, ResultsStore
-from bench.stats import bootstrap, combined_ci
-from bench.table import build_table
+import bench.evaluation.stats
+from bench.core.errors import UserError
+from bench.core.results import RecordKey, ResultsStore
+from bench.evaluation.metrics import task_metrics
+from bench.evaluation.stats import bootstrap, combined_ci
+from bench.report.table import build_table
 
 LABELS = ["Atelectasis", "Effusion", "Edema"]
 
@@ -178,7 +178,7 @@ def test_holm_correction_across_datasets_decides_the_marker(monkeypatch):
         calls.append(1)
         return {"delta": 0.0, "ci": [-0.01, 0.01], "p": raw["chexpert" if len(calls) == 1 else "rsna"]}
 
-    monkeypatch.setattr(bench.stats, "paired_bootstrap", fake)
+    monkeypatch.setattr(bench.evaluation.stats, "paired_bootstrap", fake)
     doc = pd.read_csv(io.StringIO(build_table(recs, "auc", fmt="csv", delta_to="mmclip")))
     clip = doc[doc.method == "clip"].set_index("dataset")
     assert clip.loc["chexpert", "p"] == 0.03 and clip.loc["rsna", "p"] == 0.04  # unadjusted: both < 0.05
@@ -200,7 +200,7 @@ def test_records_on_different_test_sets_are_not_compared(monkeypatch):
     reps = np.linspace(0.6, 0.8, 50)
     recs = [_rec("mmclip", "none", 0, "linear-probe", 0.70, bootstrap=_boot(reps, "a" * 64)),
             _rec("clip", "none", 0, "linear-probe", 0.80, bootstrap=_boot(reps, "b" * 64))]
-    monkeypatch.setattr(bench.stats, "paired_bootstrap", lambda *a, **k: pytest.fail("must not be called"))
+    monkeypatch.setattr(bench.evaluation.stats, "paired_bootstrap", lambda *a, **k: pytest.fail("must not be called"))
     out = build_table(recs, "auc", delta_to="mmclip")
     assert _md_cells(out)["clip"][2] == "**0.800 (n=1) [Δ n/a]**" and "+0.100" not in out
     assert "different test sets" in out

@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
-
-from bench.errors import TrainingDiverged
-from bench.pipeline import build_method, pretrain
-from bench.results import ResultsStore
-from bench.trainer import CHECKPOINT, FINAL, cosine_with_warmup, param_groups
 from tests_support import run_dir_of
+
+from bench.core.errors import TrainingDiverged
+from bench.core.results import ResultsStore
+from bench.experiment.chain import build_method, pretrain
+from bench.train.trainer import CHECKPOINT, FINAL, cosine_with_warmup, param_groups
 
 
 def _weights(path):

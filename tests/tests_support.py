@@ -36,7 +36,7 @@ def bench_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subpro
 
 
 def record_key(i: int, worker: int):
-    from bench.results import RecordKey
+    from bench.core.results import RecordKey
 
     return RecordKey("clip", "none", "abcdef0123456789", worker, "chexpert", "zero-shot", 1.0, i, "e0e0e0e0")
 
@@ -44,7 +44,7 @@ def record_key(i: int, worker: int):
 def write_records(root: str, worker: int, n: int, shared_key: bool) -> None:
     import pandas as pd
 
-    from bench.results import ResultsStore
+    from bench.core.results import ResultsStore
 
     store = ResultsStore(root)
     for i in range(n):

@@ -25,7 +25,7 @@ PROTOCOLS = ("zero-shot", "linear-probe", "fine-tune")
 FROZEN = ("zero-shot", "linear-probe")  # read features from the cache; fine-tuning trains the encoder
 FITS_LABELS = ("linear-probe", "fine-tune")  # one record per label fraction x evaluation seed
 
-# the protocol functions share their modules' names (bench.evaluation.zero_shot.zero_shot): import them from there
+# the protocol functions share their modules' names (bench.evaluation.protocols.zero_shot.zero_shot): import them from there
 _LAZY = {"FeatureCache": "bench.evaluation.features", "ProtocolResult": "bench.evaluation.result"}
 
 
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 @dataclass
 class EvalContext:
     method: torch.nn.Module
-    data: object  # bench.pipeline.LoadedDataset
+    data: object  # bench.experiment.chain.LoadedDataset
     cfg: DictConfig
     device: torch.device
     features: FeatureCache
@@ -50,9 +50,9 @@ def run_protocol(ctx: EvalContext, protocol: str, fraction: float, seed: int, fi
                  ) -> ProtocolResult:
     """One evaluation of `ctx.method`, in eval mode whatever mode it came in (and is left in): what a protocol
     computes must not depend on whether its features were cached, which is where eval mode used to be set."""
-    from bench.evaluation.fine_tune import fine_tune
-    from bench.evaluation.linear_probe import linear_probe
-    from bench.evaluation.zero_shot import zero_shot
+    from bench.evaluation.protocols.fine_tune import fine_tune
+    from bench.evaluation.protocols.linear_probe import linear_probe
+    from bench.evaluation.protocols.zero_shot import zero_shot
 
     was_training = ctx.method.training
     ctx.method.eval()

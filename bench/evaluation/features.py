@@ -6,7 +6,7 @@ seed reuses them. So a split's images pass through the encoder at most once per 
 memory for the run and, when the cache has a folder, on disk as `<folder>/<dataset>/<split>.npz` with what
 the numbers depend on, so a later run reuses them: the folder is the weights' hash, and the file keeps the
 sample ids, the preprocessing, and the identity of the image files read (each one's absolute path, size and
-modification time: `bench.images.files_sha256`). A changed image, or the same dataset read from another
+modification time: `bench.data.images.files_sha256`). A changed image, or the same dataset read from another
 root, is encoded again.
 """
 from __future__ import annotations
@@ -25,11 +25,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from bench import distributed
-from bench.data import ImagePreprocessor, ImageTextDataset, collate_images
-from bench.datasets.base import Task
-from bench.images import ImageCache, files_sha256
-from bench.io import UnwritableDestination, atomic_write, remove_stale_temporaries
+from bench.core.io import UnwritableDestination, atomic_write, remove_stale_temporaries
+from bench.data.adapter import Task
+from bench.data.image_datasets import (
+    ImagePreprocessor,
+    ImageTextDataset,
+    collate_images,
+)
+from bench.data.images import ImageCache, files_sha256
+from bench.train import distributed
 
 
 @torch.no_grad()

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from bench.datasets.base import Task
-from bench.errors import UserError
+from bench.core.errors import UserError
+from bench.data.adapter import Task
 from bench.evaluation.features import ids_sha256, predictions_frame
-from bench.metrics import choose_thresholds, task_metrics
-from bench.stats import bootstrap
+from bench.evaluation.metrics import choose_thresholds, task_metrics
+from bench.evaluation.stats import bootstrap
 
 
 def val_thresholds(task: Task, y_val: np.ndarray, scores_val: np.ndarray) -> np.ndarray | None:

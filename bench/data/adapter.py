@@ -1,0 +1,197 @@
+"""The common manifest, the task description every evaluator consumes, and what all adapters share.
+
+A manifest is a pandas DataFrame with one row per image: `sample_id`, `patient_id`, `image_path`
+(absolute), `split` (train/val/test, plus named evaluation sets such as CheXpert's `5x200`), one float
+column per label of the task (0/1 after the uncertain-label policy; one-hot for multi-class tasks) and
+`report` where the dataset has reports. Splits are patient-disjoint. `manifest.attrs["uncertain"]` counts
+the raw uncertain (-1) values per label before any policy.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterable
+
+from omegaconf import DictConfig
+
+from bench.core.errors import UserError
+from bench.core.lazy import lazy_module
+from bench.experiment.config_checks import Check
+
+np = lazy_module("numpy")
+pd = lazy_module("pandas")
+
+MANIFEST_COLUMNS = ["sample_id", "patient_id", "image_path", "split"]
+
+
+@dataclass(frozen=True)
+class Task:
+    labels: list[str]
+    multilabel: bool  # False: exactly one of `labels` per sample (multi-class); a 1-label task is binary
+    metric: str  # the metric the field reports for this dataset (DATASETS.md §11): "auc" or "acc"
+    # zero-shot prompts are not part of a task: they are named, versioned data (bench/prompt_sets.py)
+
+    @property
+    def kind(self) -> str:
+        return "binary" if len(self.labels) == 1 else "multi-label" if self.multilabel else "multi-class"
+
+
+def finding_task(labels: list[str], metric: str = "auc") -> Task:
+    """A multi-label (or, with one label, binary) task."""
+    return Task(labels=labels, multilabel=True, metric=metric)
+
+
+class Adapter:
+    """Reads a dataset root into a manifest. Subclasses set `name` and `task` and implement `read`.
+
+    `read(with_reports=False)` may skip reading report text (metadata-only inspection of big corpora).
+    """
+
+    name: ClassVar[str] = ""
+    config_key: ClassVar[str] = ""  # the `data.<key>` entry it reads, when not its own name
+    task: Task  # a class attribute, or a property where the files decide it (COVIDx's two vocabularies)
+    description: ClassVar[str] = ""
+    # valid values of its own settings (data.<key>.<setting>), checked with the rest of the configuration
+    # before any work (bench.experiment.config_checks); a setting without one is checked against its default's type
+    setting_checks: ClassVar[dict[str, Check]] = {}
+
+    def __init__(self, root: str | Path, cfg: DictConfig | dict | None = None):
+        self.root = Path(root).expanduser().absolute()
+        self.cfg = cfg if cfg is not None else {}
+        if not self.root.is_dir():
+            raise UserError(f"{self.name}: data root {self.root} does not exist or is not a folder")
+
+    def read(self, with_reports: bool = True) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def require(self, *names: str) -> Path:
+        """The first of `names` that exists under the root, or a clear error naming what is missing."""
+        for name in names:
+            if (self.root / name).exists():
+                return self.root / name
+        raise UserError(f"{self.name}: {self.root} has none of {', '.join(names)}")
+
+
+def patient_fold(patient_ids: Iterable[str], salt: str) -> np.ndarray:
+    """A stable number in [0, 1) per patient: deterministic, patient-disjoint splits without stored state.
+    Computed once per distinct patient, so a 200k-row manifest costs milliseconds."""
+    ids = pd.Series(list(patient_ids), dtype=str)
+    unique = ids.unique()
+    values = {p: int.from_bytes(hashlib.sha256(f"{salt}:{p}".encode()).digest()[:8], "big") / 2**64
+              for p in unique}
+    return ids.map(values).to_numpy(dtype=float)
+
+
+def fraction_setting(cfg, key: str, default: float) -> float:
+    """A split fraction from an adapter's settings, checked to lie in [0, 1)."""
+    value = cfg.get(key, default)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key} must be a number in [0, 1), got {value!r}") from None
+    if not 0 <= value < 1:
+        raise UserError(f"{key} must be in [0, 1), got {value}")
+    return value
+
+
+def hash_split(patient_ids: Iterable[str], salt: str, val: float, test: float) -> np.ndarray:
+    """train/val/test by patient hash: the documented split for datasets without an official one."""
+    if not (0 <= val and 0 <= test and val + test < 1):
+        raise UserError(f"val and test fractions must be >= 0 and sum below 1, got {val} and {test}")
+    u = patient_fold(patient_ids, salt)
+    return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
+
+
+def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
+    counts = manifest.groupby("patient_id")["split"].nunique()
+    return sorted(counts[counts > 1].index.astype(str))
+
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS[cls.name] = cls
+    return cls
+
+
+def adapter_names() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_settings() -> dict[str, dict[str, Check]]:
+    """data.<key> -> the setting checks its adapters declare."""
+    out: dict[str, dict[str, Check]] = {}
+    for cls in _ADAPTERS.values():
+        out.setdefault(cls.config_key or cls.name, {}).update(cls.setting_checks)
+    return out
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    if name not in _ADAPTERS:
+        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(adapter_names())}")
+    return _ADAPTERS[name]
+
+
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """pandas.read_csv with one-line errors naming the file (gzip is recognised by the suffix), and a file cut
+    short or with a ragged row refused, naming the line: pandas would fill a row's missing fields with blanks."""
+    try:
+        df = pd.read_csv(path, **kwargs)
+        short = short_row(path, kwargs.get("sep", ","), bool(kwargs.get("skipinitialspace", False)))
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError,
+            ValueError, zlib.error, csv.Error) as exc:
+        raise UserError(f"{path}: cannot be read as CSV ({' '.join(str(exc).split())})") from None
+    if short is not None:
+        line, found, expected = short
+        raise UserError(f"{path}: line {line}: {found} field(s) where the header has {expected}; the file is cut "
+                        f"short or the row is ragged")
+    return df
+
+
+def short_row(path: Path, sep: str = ",", skipinitialspace: bool = False) -> tuple[int, int, int] | None:
+    """(line, fields, header's fields) of the first row with fewer fields than the header, or with non-blank
+    fields past it; None if every row is whole. Blank lines are skipped, as pandas skips them."""
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as fh:
+        rows = csv.reader(fh, delimiter=sep, skipinitialspace=skipinitialspace)
+        header = list(next(rows, None) or [])
+        while header and not header[-1].strip():  # a trailing comma on the header alone adds no column
+            header.pop()
+        width = len(header)
+        for row in rows:
+            if any(field.strip() for field in row) and \
+                    (len(row) < width or any(field.strip() for field in row[width:])):
+                return rows.line_num, len(row), width
+    return None
+
+
+def require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        found = ", ".join(map(repr, df.columns[:20]))
+        raise UserError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (found {found})")
+
+
+def label_values(df: pd.DataFrame, columns: list[str], path: Path, allowed: tuple[float, ...] = (1.0, 0.0, -1.0),
+                 header_lines: int = 1) -> pd.DataFrame:
+    """The label columns as floats (blank = NaN); any other value is an error naming file, line and column."""
+    out = {}
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = (values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")) | \
+            (values.notna() & ~values.isin(allowed))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: line {i + 1 + header_lines}: column {col!r} has value {str(df[col].iloc[i])!r}; "
+                            f"expected one of {', '.join(map(str, allowed))} or blank")
+        out[col] = values.astype(float)
+    return pd.DataFrame(out, index=df.index)
+
+
+def count_uncertain(raw: pd.DataFrame) -> dict[str, int]:
+    return {str(c): int((raw[c] == -1.0).sum()) for c in raw.columns}

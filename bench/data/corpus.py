@@ -1,0 +1,183 @@
+"""The pretraining corpus: paired image-report samples, and optionally image-only samples (labelled images
+with no report, which get a disease-kind prompt from their labels) and text-only samples (reports with no
+image), mixed in every batch at a configured ratio.
+
+A batch's rows are ordered paired, image-only, text-only. `Batch.images` holds the rows that have an
+image, `Batch.text` the rows that have text, and `Batch.image_text` links each image to its text row.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from bench.core.errors import UserError
+from bench.data.image_datasets import ImagePreprocessor
+from bench.data.images import ImageCache
+from bench.modeling.masking import TextMasker
+from bench.modeling.method import Batch
+from bench.modeling.towers import Tokenizer
+
+KINDS = ("paired", "image_only", "text_only")
+
+
+@dataclass
+class Pool:
+    """The samples of one kind: image paths and/or texts, ids, and for image-only samples their labels."""
+
+    kind: str
+    sources: list[str]
+    ids: list[str]
+    paths: list[str] | None = None
+    texts: list[str] | None = None
+    labels: pd.DataFrame | None = None  # image-only: label values (1, 0, -1, NaN) per sample
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def batch_composition(batch_size: int, mix: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
+    """Samples of each kind per batch: `mix` over the kinds that have samples, largest remainder rounding."""
+    bad = [k for k in mix if k not in KINDS]
+    if bad:
+        raise UserError(f"data.corpus.mix has unknown kind(s) {', '.join(bad)}; kinds: {', '.join(KINDS)}")
+    weights = {k: float(mix.get(k, 0.0)) if sizes.get(k, 0) else 0.0 for k in KINDS}
+    if any(w < 0 for w in weights.values()):
+        raise UserError(f"data.corpus.mix weights must be >= 0, got {dict(mix)}")
+    if weights["paired"] <= 0 and sizes.get("paired", 0):
+        raise UserError("data.corpus.mix.paired must be > 0: an epoch is one pass over the paired samples")
+    total = sum(weights.values())
+    exact = {k: batch_size * w / total for k, w in weights.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(KINDS, key=lambda k: counts[k] - exact[k])[:batch_size - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+class PretrainCorpus(Dataset):
+    """Pools concatenated in KINDS order. Item i of epoch e: (image tensor or None, text or None, sample id,
+    kind, per-item seed); augmentation and text masks depend only on (seed, e, i), so a resumed run sees the
+    same samples."""
+
+    def __init__(self, pools: dict[str, Pool], preprocess: ImagePreprocessor, cache: ImageCache, seed: int,
+                 prompt: Callable[[dict], str] | None = None):
+        if cache.size != preprocess.size:
+            raise ValueError(f"image cache holds {cache.size}px squares, the model wants {preprocess.size}px")
+        self.pools = {k: pools[k] for k in KINDS if k in pools and len(pools[k])}
+        self.sizes = {k: len(p) for k, p in self.pools.items()}
+        starts = np.cumsum([0, *self.sizes.values()])
+        self.offsets = dict(zip(self.pools, starts[:-1].tolist()))
+        self.preprocess, self.cache, self.seed, self.prompt, self.epoch = preprocess, cache, seed, prompt, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(self.sizes.values())
+
+    def locate(self, i: int) -> tuple[str, int]:
+        for kind in reversed(list(self.pools)):
+            if i >= self.offsets[kind]:
+                return kind, i - self.offsets[kind]
+        raise IndexError(i)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None, str, str, int]:
+        kind, j = self.locate(i)
+        pool = self.pools[kind]
+        item_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+        image = None
+        if pool.paths is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, i]) if self.preprocess.augment else None
+            image = self.preprocess(self.cache.get(pool.paths[j]), rng)
+        text = pool.texts[j] if pool.texts is not None else None
+        if kind == "image_only" and self.prompt is not None:
+            text = self.prompt(pool.labels.iloc[j].to_dict())
+        return image, text, pool.ids[j], kind, item_seed
+
+
+def _text_id(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+class CorpusCollate:
+    """Items -> Batch: rows ordered by kind, text tokenised, and with a `TextMasker` the reports (not the
+    prompts) masked for MLM."""
+
+    def __init__(self, tokenizer: Tokenizer, masker: TextMasker | None = None):
+        self.tokenizer, self.masker = tokenizer, masker
+
+    def __call__(self, items: list) -> Batch:
+        items = sorted(items, key=lambda it: KINDS.index(it[3]))
+        with_image = [it for it in items if it[0] is not None]
+        with_text = [it for it in items if it[1] is not None]
+        text_row = {id(it): r for r, it in enumerate(with_text)}
+        images = torch.stack([it[0] for it in with_image]) if with_image else None
+        image_text = torch.tensor([text_row.get(id(it), -1) for it in with_image], dtype=torch.long)
+        # a prompt is written from labels, so several images may share one: ITC treats equal prompts as the
+        # same caption (a positive group named by the prompt's hash); every report is its own group (-1)
+        groups = [_text_id(it[1]) if it[3] == "image_only" else -1 for it in with_text]
+        batch = Batch(images, None, [it[2] for it in items], image_text=image_text,
+                      text_groups=torch.tensor(groups, dtype=torch.long))
+        if not with_text:
+            return batch
+        texts = [it[1] for it in with_text]
+        if self.masker is None:
+            batch.text = self.tokenizer(texts)
+            return batch
+        rngs = [np.random.default_rng(it[4]) for it in with_text]
+        maskable = [it[3] != "image_only" for it in with_text]
+        batch.text, batch.masked_text, batch.mlm_labels = self.masker(texts, rngs, maskable)
+        batch.mlm_rows = torch.tensor(np.flatnonzero(maskable), dtype=torch.long)
+        return batch
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches of fixed composition whose order depends only on (seed, epoch); `skip` resumes mid-epoch.
+
+    An epoch is one pass over the paired pool (each paired sample once, the last partial batch dropped);
+    the other pools are drawn without replacement, reshuffled each time they run out.
+    """
+
+    def __init__(self, sizes: dict[str, int], per_batch: dict[str, int], seed: int,
+                 setting: str = "trainer.batch_size"):
+        main = "paired" if sizes.get("paired") else max(sizes, key=sizes.get)
+        if sizes[main] < per_batch[main] or per_batch[main] == 0:
+            raise UserError(f"{setting}={sum(per_batch.values())}: the {sizes[main]} {main} training samples do not "
+                            f"fill one batch's share of {per_batch[main]}; lower {setting} (or add {main} data)")
+        self.sizes, self.per_batch, self.seed, self.main = sizes, per_batch, seed, main
+        starts = np.cumsum([0, *sizes.values()])
+        self.offsets = dict(zip(sizes, starts[:-1].tolist()))
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _stream(self, kind: str, count: int, generator: torch.Generator) -> torch.Tensor:
+        n = self.sizes[kind]
+        rounds = -(-count // n) if count else 0
+        return torch.cat([torch.randperm(n, generator=generator) for _ in range(rounds)] or
+                         [torch.zeros(0, dtype=torch.long)])[:count] + self.offsets[kind]
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        steps = self.sizes[self.main] // self.per_batch[self.main]
+        streams = {k: self._stream(k, steps * self.per_batch[k], generator) for k in self.sizes}
+        return [[int(i) for k in self.sizes
+                 for i in streams[k][s * self.per_batch[k]:(s + 1) * self.per_batch[k]]] for s in range(steps)]
+
+    def __iter__(self):
+        return iter(self.batches()[self.skip:])
+
+    def __len__(self) -> int:
+        return self.sizes[self.main] // self.per_batch[self.main] - self.skip
+
+
+def corpus_summary(pools: dict[str, Pool], per_batch: dict[str, int]) -> dict:
+    """What the run trained on, for the run folder."""
+    return {k: {"sources": p.sources, "samples": len(p), "per_batch": per_batch.get(k, 0)}
+            for k, p in pools.items()}

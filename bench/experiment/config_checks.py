@@ -1,0 +1,368 @@
+"""The one check every configuration passes before any work starts, whichever command composed it (`run`,
+`eval`, `suite`, `sweep`, `profile`, `mask`).
+
+Three kinds of check, so that a bad value is one line naming the key and what is valid, never a traceback
+after an hour of pretraining:
+- **unknown keys**: an override must name a setting the configuration has (a `+key=value` that nothing reads
+  would only change the hashes); the few open mappings (`OPEN`) take any key.
+- **types**: every value must have the type of the same setting in the configuration as composed without
+  the user's values (the method's, ablation's and presets' files), so `trainer.epochs=abc` or `eval.seeds=[x]`
+  is refused whatever the key. An integer is accepted where a number is expected.
+- **ranges and names**: `RULES` (and `PATTERNS` for every dataset's settings) say which values are valid
+  where the type does not, e.g. batch sizes >= 1, label fractions in (0, 1], registered datasets, protocols
+  and prompt sets, and where `null` is allowed. Plug-ins declare their own: a dataset adapter's
+  `setting_checks` for `data.<name>.*`, a method's for `method.*`, and its `check_config` for switches that are
+  valid one by one but not together.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.core.errors import UserError
+
+Check = Callable[[str, Any], "str | None"]  # (key, value) -> what is valid, or None if the value is
+
+# mappings whose keys are the user's to choose: Hugging Face config fields, label phrases, label files
+OPEN = ("model.text.config", "method.prompts.names", "data.covidx.label_files")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(low: int | None = None, high: int | None = None, null: bool = False) -> Check:
+    def check(key: str, v: Any) -> str | None:
+        if v is None and null:
+            return None
+        if not _is_int(v) or (low is not None and v < low) or (high is not None and v > high):
+            bounds = " and ".join(b for b in (low is not None and f">= {low}", high is not None and f"<= {high}") if b)
+            return f"an integer{' ' + bounds if bounds else ''}{' or null' if null else ''}"
+        return None
+
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           null: bool = False) -> Check:
+    def check(key: str, v: Any) -> str | None:
+        if v is None and null:
+            return None
+        ok = _is_number(v) and (low is None or (v > low if low_open else v >= low)) and \
+            (high is None or (v < high if high_open else v <= high))
+        if ok:
+            return None
+        if low is not None and high is not None:
+            span = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            span = f" {'>' if low_open else '>='} {low:g}"
+        else:
+            span = ""
+        return f"a number{span}{' or null' if null else ''}"
+
+    return check
+
+
+def one_of(options: Iterable[Any] | Callable[[], Iterable[Any]], null: bool = False) -> Check:
+    def check(key: str, v: Any) -> str | None:
+        valid = list(options() if callable(options) else options)
+        if (v is None and null) or (v is not None and v in valid and not isinstance(v, (list, dict))):
+            return None
+        return f"one of {', '.join(map(str, valid))}{' or null' if null else ''}"
+
+    return check
+
+
+def switch(key: str, v: Any) -> str | None:
+    return None if isinstance(v, bool) or v == "auto" else "true, false or auto"
+
+
+def text(null: bool = False) -> Check:
+    def check(key: str, v: Any) -> str | None:
+        return None if (isinstance(v, str) and v.strip()) or (v is None and null) else \
+            f"a non-empty text{' or null' if null else ''}"
+
+    return check
+
+
+def list_of(item: Check, nonempty: bool = False, distinct: bool = False, length: int | None = None) -> Check:
+    """A list whose every element passes `item`; its errors name the element (`eval.seeds[1]='x'`)."""
+
+    def check(key: str, v: Any) -> str | None:
+        if not isinstance(v, list) or (nonempty and not v):
+            return f"a {'non-empty ' if nonempty else ''}list, e.g. [a, b]"
+        if length is not None and len(v) != length:
+            return f"a list of {length}"
+        for i, element in enumerate(v):
+            problem = item(f"{key}[{i}]", element)
+            if problem:
+                raise UserError(f"{key}[{i}]={_show(element)} is not valid: expected {problem}")
+        if distinct and len({repr(e) for e in v}) != len(v):
+            return "a list without repeated entries"
+        return None
+
+    return check
+
+
+def folder_or_null(key: str, v: Any) -> str | None:
+    if v is not None and not (isinstance(v, str) and os.path.isdir(os.path.expanduser(v))):
+        raise UserError(f"{key}: {v} does not exist or is not a folder (null reads the dataset's copy in the "
+                        f"synthetic benchmark)")
+    return None
+
+
+def number_or_numbers(key: str, v: Any) -> str | None:
+    if _is_number(v) or (isinstance(v, list) and v and all(_is_number(x) for x in v)):
+        return None
+    return "a number, or a list of one number per channel"
+
+
+def _datasets() -> list[str]:
+    from bench.datasets import adapter_names
+
+    return adapter_names()
+
+
+def _protocols() -> tuple[str, ...]:
+    from bench.evaluation import PROTOCOLS
+
+    return PROTOCOLS
+
+
+def prompt_set(key: str, v: Any) -> str | None:
+    from bench.evaluation.prompt_sets import get_prompt_set
+
+    if not isinstance(v, str):
+        return "a prompt set name (see `bench list`) or the path of a prompt set file"
+    get_prompt_set(v)  # an unknown name or a broken file is its own one-line error
+    return None
+
+
+DATASETS = one_of(_datasets)
+
+RULES: dict[str, Check] = {
+    "seed": integer(0),
+    "results_dir": text(),
+    "trainer.epochs": integer(1),
+    "trainer.batch_size": integer(1),
+    "trainer.lr": number(0, low_open=True),
+    "trainer.weight_decay": number(0),
+    "trainer.betas": list_of(number(0, 1, high_open=True), length=2),
+    "trainer.warmup_steps": integer(0),
+    "trainer.min_lr_ratio": number(0, 1),
+    "trainer.accumulate": integer(1),
+    "trainer.grad_clip": number(0, low_open=True, null=True),
+    "trainer.precision": one_of(("auto", "bf16", "fp32")),
+    "trainer.checkpoint_every": integer(1),
+    "trainer.max_steps": integer(1, null=True),
+    "eval.datasets": list_of(DATASETS, distinct=True),
+    "eval.protocols": list_of(one_of(_protocols), distinct=True),
+    "eval.fractions": list_of(number(0, 1, low_open=True), distinct=True),
+    "eval.seeds": list_of(integer(0), distinct=True),
+    "eval.fraction_subsets": one_of(("fixed", "per-seed")),
+    "eval.batch_size": integer(1),
+    "eval.bootstrap.resamples": integer(1),
+    "eval.bootstrap.seed": integer(0),
+    "eval.bootstrap.confidence": number(0, 1, low_open=True, high_open=True),
+    "eval.zero_shot.prompt_sets": list_of(prompt_set, nonempty=True, distinct=True),
+    "eval.zero_shot.aggregate": one_of(("embedding", "mean", "max")),
+    "eval.zero_shot.mode": one_of(("pos-neg", "cosine")),
+    "eval.linear_probe.c_grid": list_of(number(0, low_open=True), nonempty=True),
+    "eval.linear_probe.max_iter": integer(1),
+    "eval.fine_tune.epochs": integer(1),
+    "eval.fine_tune.batch_size": integer(1),
+    "eval.fine_tune.lr": number(0, low_open=True),
+    "eval.fine_tune.encoder_lr_multiplier": number(0),
+    "eval.fine_tune.weight_decay": number(0),
+    "eval.fine_tune.warmup_epochs": number(0),
+    "eval.fine_tune.patience": integer(1, null=True),
+    "eval.fine_tune.precision": one_of(("auto", "bf16", "fp32")),
+    "data.corpus.paired": list_of(DATASETS, nonempty=True, distinct=True),
+    "data.corpus.image_only": list_of(DATASETS, distinct=True),
+    "data.corpus.text_only": list_of(DATASETS, distinct=True),
+    "data.corpus.mix.paired": number(0, low_open=True),
+    "data.corpus.mix.image_only": number(0),
+    "data.corpus.mix.text_only": number(0),
+    "data.synthetic.size": one_of(("tiny", "small", "medium")),
+    "data.synthetic.seed": integer(0),
+    "data.synthetic.root": text(),
+    "data.splits_dir": text(),
+    "data.cache_dir": text(null=True),
+    "data.corrupt_images": one_of(("skip", "error")),
+    "model.embed_dim": integer(1),
+    "model.image.image_size": integer(1),
+    "model.image.patch_size": integer(1),
+    "model.text.max_length": integer(1),
+    "model.image.open_clip_name": text(null=True),  # null: built from the preset's fields
+    "model.image.pretrained": text(null=True),
+    "model.text.pretrained": text(null=True),  # null: a random BERT from model.text.config
+    "model.image.mean": number_or_numbers,
+    "model.image.std": number_or_numbers,
+    "runtime.device": lambda k, v: None if isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or (
+        v.startswith("cuda:") and v[5:].isdigit())) else "auto, cpu, cuda, cuda:N or mps",
+    "runtime.num_workers": lambda k, v: None if v == "auto" or (_is_int(v) and v >= 0) else "an integer >= 0 or auto",
+    "runtime.decode_workers": integer(1, null=True),
+    "runtime.threads": integer(1, null=True),
+    "runtime.speed.compile": switch,
+    "runtime.speed.tf32": switch,
+    "runtime.speed.channels_last": switch,
+    "runtime.speed.fused_optimizer": switch,
+    "runtime.speed.grad_checkpointing": switch,
+    "runtime.speed.pin_memory": switch,
+    "runtime.speed.attention": one_of(("fused", "math")),
+}
+# every dataset's entry in `data` (data.<name>.<setting>), for the settings datasets share
+PATTERNS: dict[str, Check] = {
+    "data.*.*_fraction": number(0, 1, high_open=True),
+}
+
+
+def _rule(key: str, own: dict[str, Check]) -> Check | None:
+    if key in RULES or key in own:
+        return RULES.get(key) or own[key]
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "data":  # a dataset's own settings, as its adapter declares them
+        from bench.datasets import adapter_settings
+
+        declared = adapter_settings().get(parts[1], {}).get(parts[2])
+        if declared is not None:
+            return declared
+    return next((check for pattern, check in PATTERNS.items() if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def _type_name(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true or false"
+    if _is_int(v):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if isinstance(v, str):
+        return "a text"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if _is_int(default):
+        return _is_int(value)
+    if isinstance(default, float):
+        return _is_number(value)
+    return isinstance(value, type(default))
+
+
+def _walk(key: str, value: Any, default: Any, open_: bool, own: dict[str, Check]) -> None:
+    rule = _rule(key, own)
+    if rule is not None:
+        problem = rule(key, value)
+        if problem:
+            raise UserError(f"{key}={_show(value)} is not valid: expected {problem}")
+        return
+    if default is None or open_:  # nothing to compare with (null by default), or a mapping of the user's
+        return
+    if value is None or not _same_type(value, default):
+        raise UserError(f"{key}={_show(value)} is not valid: expected {_type_name(default)} (its default is "
+                        f"{_show(default)})")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{key}.{k}" if key else str(k)
+            _walk(sub, v, default.get(k), sub in OPEN or key in OPEN, own)
+    elif isinstance(value, list) and default:
+        for i, v in enumerate(value):
+            if not _same_type(v, default[0]):
+                raise UserError(f"{key}[{i}]={_show(v)} is not valid: expected {_type_name(default[0])} in the "
+                                f"list")
+
+
+def override_keys(overrides: Iterable[str]) -> list[str]:
+    """The setting each key=value override names (Hydra's + and ~ prefixes removed)."""
+    return [item.split("=", 1)[0].lstrip("+~") for item in overrides]
+
+
+def _has(plain: dict, key: str) -> bool:
+    node: Any = plain
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_known(keys: Iterable[str], defaults: dict) -> None:
+    """Every key names a setting of `defaults` (or lies in an open mapping)."""
+    for key in keys:
+        if "/" in key or _has(defaults, key) or any(key.startswith(f"{o}.") for o in OPEN):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        siblings = sorted(_node(defaults, parent)) if parent and isinstance(_node(defaults, parent), dict) else \
+            sorted(defaults)
+        close = difflib.get_close_matches(leaf, siblings, n=1)
+        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        where = f"{parent} has" if parent and isinstance(_node(defaults, parent), dict) else "valid keys are"
+        raise UserError(f"unknown setting {key}{hint} ({where} {', '.join(map(str, siblings))})")
+
+
+def _node(plain: dict, key: str) -> Any:
+    node: Any = plain
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The configuration as plain data with its interpolations resolved (a broken one is a one-line error)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"bad setting: {str(exc).strip().splitlines()[0]}") from None
+
+
+def check_config(cfg: DictConfig, defaults: DictConfig, reads_corpus: bool = True) -> None:
+    """Refuse `cfg` (composed from `defaults` and the user's values) if any value has the wrong type or lies
+    outside its range, or a dataset it reads has no root (the pretraining corpus's only if `reads_corpus`:
+    evaluating a checkpoint reads none of it); see the module docstring. (`check_known` checks the overrides'
+    keys first.)"""
+    from bench.core.registry import get_method
+    from bench.datasets import get_adapter
+    from bench.experiment.config import corpus_sources, dataset_settings
+
+    plain, base = plain_config(cfg), plain_config(defaults)
+    method = get_method(plain["method"]["name"])
+    _walk("", plain, base, False, {f"method.{k}": check for k, check in method.setting_checks.items()})
+    method.check_config(cfg)
+    e = plain["eval"]
+    if set(e["protocols"]) & {"linear-probe", "fine-tune"}:
+        for key in ("fractions", "seeds"):
+            if not e[key]:
+                raise UserError(f"eval.{key} is empty, but eval.protocols has {', '.join(e['protocols'])}: give at "
+                                f"least one, e.g. eval.{key}={'[1.0]' if key == 'fractions' else '[0]'}")
+    read = {*plain["eval"]["datasets"], *(n for names in corpus_sources(cfg).values() for n in names)} \
+        if reads_corpus else set(plain["eval"]["datasets"])
+    for name in sorted(read):
+        settings = dataset_settings(cfg, name)  # every dataset read has its entry in `data`
+        folder_or_null(f"data.{get_adapter(name).config_key or name}.root", settings.get("root"))
+    for key, entry in plain["data"].items():
+        held_out = [entry[k] for k in ("val_fraction", "test_fraction") if isinstance(entry, dict) and k in entry]
+        if len(held_out) == 2 and sum(held_out) >= 1:
+            raise UserError(f"data.{key}.val_fraction + data.{key}.test_fraction = {sum(held_out):g}: they must sum "
+                            f"below 1, or nothing is left to train on")

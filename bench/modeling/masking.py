@@ -1,0 +1,151 @@
+"""Which image patches and which report word-pieces a masked-modelling method hides.
+
+Image (AttMIM and random): `select_patches` takes, per sample, the top-scoring patches for `attention_share`
+of the mask and uniformly random other patches for the rest; every sample keeps at least `min_visible`
+patches. Text (EntMLM and random): `TextMasker` hides every word-piece of chosen entity spans, or random whole
+words, and returns MLM labels for the hidden pieces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bench.core.errors import UserError
+from bench.modeling.entities import tag_entities, word_spans
+from bench.modeling.towers import TextBatch, Tokenizer
+
+IGNORE = -100  # the label of a position that is not predicted (PyTorch's cross-entropy default)
+
+
+@dataclass(frozen=True)
+class PatchMask:
+    keep: torch.Tensor    # [B, n_keep] indices of the visible patches, ascending
+    masked: torch.Tensor  # [B, N] True where a patch is hidden
+
+
+def mask_counts(num_patches: int, ratio: float, share: float, min_visible: int) -> tuple[int, int]:
+    """(patches hidden, of which chosen by score) for one sample."""
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(f"mask_ratio must be in [0, 1), got {ratio}")
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"attention_share must be in [0, 1], got {share}")
+    if not 1 <= min_visible <= num_patches:
+        raise UserError(f"min_visible must be between 1 and the {num_patches} patches, got {min_visible}")
+    hidden = min(int(round(ratio * num_patches)), num_patches - min_visible)
+    return hidden, int(round(share * hidden))
+
+
+def select_patches(scores: torch.Tensor | None, batch: int, num_patches: int, ratio: float, share: float,
+                   min_visible: int, device: torch.device | str = "cpu") -> PatchMask:
+    """Hide the `share` of the mask with the highest `scores` ([B, N]; None = no scores, all random) and fill
+    the rest of the mask uniformly at random from the other patches. Random draws use torch's global RNG,
+    which the trainer checkpoints, so a resumed run draws the same masks."""
+    hidden, by_score = mask_counts(num_patches, ratio, share if scores is not None else 0.0, min_visible)
+    noise = torch.rand(batch, num_patches, device=device)
+    if by_score:
+        top = scores.float().topk(by_score, dim=1).indices
+        noise.scatter_(1, top, -1.0)  # below every uniform draw: sorted first, so always hidden
+    order = noise.argsort(dim=1)
+    masked = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
+    masked.scatter_(1, order[:, :hidden], True)
+    keep = order[:, hidden:].sort(dim=1).values
+    return PatchMask(keep, masked)
+
+
+STRATEGIES = ("entity", "random-matched", "random")
+
+
+class TextMasker:
+    """Replaces chosen word-pieces by [MASK] and labels them for MLM.
+
+    - `entity` (EntMLM): each tagged entity span is hidden with probability `entity_mask_prob`, all of its
+      word-pieces; a report without any entity falls back to `random`.
+    - `random-matched`: random whole words, as many word-pieces as `entity` would hide in that report (the
+      random-mask ablation: same amount, no entity guidance).
+    - `random` (MRM): each whole word hidden with probability `random_ratio`.
+    At least one word is hidden in every non-empty report. Draws come from a per-sample numpy generator.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, strategy: str, entity_mask_prob: float, random_ratio: float):
+        if strategy not in STRATEGIES:
+            raise UserError(f"text_masking.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        for name, value in (("entity_mask_prob", entity_mask_prob), ("random_ratio", random_ratio)):
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"text_masking.{name} must be in [0, 1], got {value}")
+        self.tokenizer, self.strategy = tokenizer, strategy
+        self.entity_mask_prob, self.random_ratio = entity_mask_prob, random_ratio
+        self.mask_id = tokenizer.hf.mask_token_id
+        if self.mask_id is None:
+            raise UserError(f"tokenizer {tokenizer.hf.name_or_path!r} has no [MASK] token; masked language "
+                            f"modelling needs one")
+
+    def __call__(self, texts: list[str], rngs: list[np.random.Generator], maskable: list[bool]
+                 ) -> tuple[TextBatch, TextBatch, torch.Tensor]:
+        """(unmasked batch, masked batch, labels [n, L] with IGNORE where nothing is predicted). Rows with
+        `maskable` False (prompts) are returned unmasked and unlabelled."""
+        enc = self.tokenizer.hf(list(texts), padding="max_length", truncation=True,
+                                max_length=self.tokenizer.max_length, return_offsets_mapping=True,
+                                return_special_tokens_mask=True)
+        # lists to arrays here: transformers' own conversion walks the nested offsets in Python, slowly
+        enc = {k: np.asarray(enc[k], dtype=np.int64) for k in
+               ("input_ids", "attention_mask", "offset_mapping", "special_tokens_mask")}
+        ids, attention = enc["input_ids"], enc["attention_mask"]
+        labels = np.full(ids.shape, IGNORE, dtype=np.int64)
+        for row, (text, rng) in enumerate(zip(texts, rngs)):
+            if not maskable[row]:
+                continue
+            pieces = self.choose(text, enc["offset_mapping"][row], enc["special_tokens_mask"][row], rng)
+            labels[row, pieces] = ids[row, pieces]
+        masked_ids = np.where(labels != IGNORE, self.mask_id, ids)
+        unmasked = TextBatch(torch.from_numpy(ids).long(), torch.from_numpy(attention).long())
+        return unmasked, TextBatch(torch.from_numpy(masked_ids).long(), unmasked.attention_mask), \
+            torch.from_numpy(labels)
+
+    def choose(self, text: str, offsets: np.ndarray, special: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices of the word-pieces to hide in one tokenised report."""
+        real = np.flatnonzero((special == 0) & (offsets[:, 1] > offsets[:, 0]))
+        if real.size == 0:
+            return real
+        if self.strategy == "random":
+            return _random_words(_pieces_by_word(text, offsets, real), rng, ratio=self.random_ratio)
+        spans = np.array([(e.start, e.end) for e in tag_entities(text)], dtype=np.int64).reshape(-1, 2)
+        hidden = spans[[rng.random() < self.entity_mask_prob for _ in range(len(spans))]]
+        # the pieces that overlap a hidden entity's characters
+        overlap = (offsets[real, 0, None] < hidden[None, :, 1]) & (offsets[real, 1, None] > hidden[None, :, 0])
+        pieces = real[overlap.any(1)].astype(np.int64)
+        if not len(spans):  # no entity: a random mask, so the report still trains the text branch
+            return _random_words(_pieces_by_word(text, offsets, real), rng, ratio=self.random_ratio)
+        if self.strategy == "random-matched":
+            return _random_words(_pieces_by_word(text, offsets, real), rng, count=len(pieces))
+        return pieces
+
+
+def _pieces_by_word(text: str, offsets: np.ndarray, real: np.ndarray) -> list[list[int]]:
+    """Word-piece indices grouped by the whitespace word they fall in (pieces past truncation are absent)."""
+    starts = [start for start, _ in word_spans(text)]
+    groups: list[list[int]] = [[] for _ in starts]
+    for i, word in zip(real.tolist(), (np.searchsorted(starts, offsets[real, 0], side="right") - 1).tolist()):
+        groups[word].append(i)
+    return [g for g in groups if g]
+
+
+def _random_words(words: list[list[int]], rng: np.random.Generator, ratio: float | None = None,
+                  count: int | None = None) -> np.ndarray:
+    """Whole random words adding up to `count` pieces, or each word with probability `ratio` (then never
+    none, since a report with no target would not train the branch)."""
+    if not words:
+        return np.zeros(0, dtype=np.int64)
+    order = rng.permutation(len(words))
+    if count is None:
+        chosen = [w for w in order if rng.random() < ratio] or [order[0]]
+    else:  # words that fit first, then one more if still short: at most one word's pieces too many
+        chosen, total = [], 0
+        for w in order:
+            if total + len(words[w]) <= count:
+                chosen.append(w)
+                total += len(words[w])
+        if total < count:
+            chosen.append(next(w for w in order if w not in chosen))
+    return np.array(sorted(i for w in chosen for i in words[w]), dtype=np.int64)
