@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import os
 
+from bench.core.checks import integer, one_of
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
+from bench.core.registry import register_adapter
 from bench.data.adapter import (
     Adapter,
+    Synthetic,
     Task,
     count_uncertain,
     finding_task,
@@ -32,10 +35,8 @@ from bench.data.adapter import (
     label_values,
     patient_fold,
     read_csv,
-    register_adapter,
     require_columns,
 )
-from bench.experiment.config_checks import integer, one_of
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -86,6 +87,14 @@ class CheXpert(Adapter):
     description = "CheXpert: 5 competition labels, multi-label AUC; the 5x200 set for zero-shot accuracy"
     task = finding_task(COMPETITION)
     setting_checks = {"uncertain_policy": one_of(POLICIES[:-1]), "five_by_200_seed": integer(0)}
+    defaults = {  # also read by chexpert-5x200; root: .../CheXpert-v1.0-small (or CheXpert-v1.0)
+        "uncertain_policy": "gloria",  # gloria (GLoRIA/MGCA per-class mapping) | zeros | ones
+        "frontal_only": True,
+        "val_fraction": 0.1,  # of training patients, when the study-level test set is absent
+        "five_by_200_seed": 0,
+    }
+    synthetic = Synthetic("CheXpert-v1.0-small", {"tiny": 48, "small": 2000, "medium": 10000},  # training patients
+                          "bench.data.synth.writers:write_chexpert")
 
     def _read_listing(self, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         path = self.require(file)

@@ -24,13 +24,8 @@ from pathlib import Path
 
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
-from bench.data.adapter import (
-    Adapter,
-    Task,
-    fraction_setting,
-    patient_fold,
-    register_adapter,
-)
+from bench.core.registry import register_adapter
+from bench.data.adapter import Adapter, Synthetic, Task, fraction_setting, patient_fold
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -65,6 +60,10 @@ def read_label_file(path: Path) -> pd.DataFrame:
 class Covidx(Adapter):
     name = "covidx"
     description = "COVIDx CXR: normal/pneumonia/COVID-19 (V5-V9A, accuracy) or COVID-19 positive/negative (CXR-4)"
+    # root: the COVIDx folder holding the label .txt files and train/ (val/) test/
+    defaults = {"label_files": None}  # null = auto; or {train: train_COVIDx9A.txt, test: test_COVIDx9A.txt}
+    synthetic = Synthetic("COVIDx", {"tiny": 90, "small": 900, "medium": 4000},  # patients, a quarter with two images
+                          "bench.data.synth.png_writers:write_covidx")
 
     def label_files(self) -> dict[str, Path]:
         """split -> label file, from the config or found by the documented rule."""

@@ -16,19 +16,20 @@ import re
 import sys
 from pathlib import Path
 
+from bench.core.checks import list_of, one_of, text
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
+from bench.core.registry import register_adapter
 from bench.data.adapter import (
     Adapter,
+    Synthetic,
     count_uncertain,
     finding_task,
     label_values,
     read_csv,
-    register_adapter,
     require_columns,
 )
 from bench.datasets.chexpert import POLICIES, apply_uncertain_policy
-from bench.experiment.config_checks import list_of, one_of, text
 
 pd = lazy_module("pandas")
 
@@ -59,6 +60,16 @@ class MimicCxrJpg(Adapter):
                       "empty_reports": one_of(("skip", "error")), "reports_root": text(null=True),
                       "sections": list_of(text(), nonempty=True),
                       "views": list_of(text())}
+    defaults = {  # root: .../physionet.org/files/mimic-cxr-jpg/2.0.0
+        "reports_root": None,  # where mimic-cxr-reports.zip was extracted, if not beside the images
+        "sections": ["impression", "findings"],
+        "views": ["PA", "AP"],
+        "labeler": "chexpert",  # chexpert | negbio: which label CSV
+        "uncertain_policy": "zeros",
+        "empty_reports": "skip",  # skip | error
+    }
+    synthetic = Synthetic("mimic-cxr-jpg", {"tiny": 96, "small": 2000, "medium": 12000},  # studies
+                          "bench.data.synth.writers:write_mimic_cxr_jpg")
 
     def _csv(self, stem: str) -> tuple[pd.DataFrame, Path]:
         path = self.require(f"{stem}.csv", f"{stem}.csv.gz")

@@ -19,14 +19,15 @@ from pathlib import Path
 
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
+from bench.core.registry import register_adapter
 from bench.data.adapter import (
     Adapter,
+    Synthetic,
     finding_task,
     fraction_setting,
     hash_split,
     patient_fold,
     read_csv,
-    register_adapter,
     require_columns,
 )
 
@@ -78,6 +79,13 @@ class Nih(Adapter):
     name = "nih"
     description = "NIH ChestX-ray14: 14 findings from report NLP, multi-label AUROC"
     task = finding_task(LABELS, "auc")  # zero-shot names ("lung mass", ...): bench/prompt_sets/*.yaml
+    defaults = {  # root: .../ChestX-ray14 (Data_Entry_2017*.csv, images_0NN/images/)
+        "metadata": None,  # null = Data_Entry_2017_v2020.csv, else Data_Entry_2017.csv
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,  # only without the official train_val_list.txt/test_list.txt
+    }
+    synthetic = Synthetic("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000},  # patients, 1-3 images each
+                          "bench.data.synth.png_writers:write_nih")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         metadata = self.cfg.get("metadata")

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
+from bench.core.registry import register_adapter
 from bench.data.adapter import (
     Adapter,
+    Synthetic,
     finding_task,
     fraction_setting,
     hash_split,
     label_values,
     read_csv,
-    register_adapter,
     require_columns,
 )
 
@@ -34,6 +35,9 @@ class Rsna(Adapter):
     name = "rsna"
     task = finding_task([LABEL], "auc")
     description = "RSNA Pneumonia Detection: binary pneumonia (lung opacity) classification from DICOMs (AUC)"
+    defaults = {"images_dir": "stage_2_train_images", "val_fraction": 0.15, "test_fraction": 0.15}  # root: .../rsna-pneumonia-detection-challenge
+    synthetic = Synthetic("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 1500, "medium": 6000},  # patients
+                          "bench.data.synth.dicom_writers:write_rsna")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         path = self.require("stage_2_train_labels.csv")

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.core.checks import number
 from bench.core.registry import register_method
-from bench.experiment.config_checks import number
+from bench.data.batch import Batch, TextBatch
 from bench.modeling.losses import clip_loss
-from bench.modeling.method import Batch, Method, StepOutput
-from bench.modeling.towers import TextBatch, TextTower, VisionTower
+from bench.modeling.method import Method, StepOutput
+from bench.modeling.towers import TextTower, VisionTower
 
 # the switches of the joint space (temperature) that every method with one shares
 JOINT_SPACE_CHECKS = {"temperature": number(0, low_open=True), "max_logit_scale": number(1, low_open=True)}

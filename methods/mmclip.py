@@ -31,17 +31,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.core.checks import integer, number, one_of
 from bench.core.errors import UserError
 from bench.core.registry import register_method
+from bench.data.batch import Batch, TextBatch
 from bench.data.corpus import CorpusCollate
-from bench.experiment.config_checks import integer, number, one_of
 from bench.methods.clip import JOINT_SPACE_CHECKS, add_joint_space
 from bench.modeling.decoders import ImageDecoder, TextDecoder, patchify
 from bench.modeling.losses import clip_loss, rank_weight
 from bench.modeling.masking import IGNORE, TextMasker, mask_counts, select_patches
 from bench.modeling.masking import STRATEGIES as TEXT_STRATEGIES
-from bench.modeling.method import Batch, Method, StepOutput
-from bench.modeling.towers import TextBatch, TextTower, VisionTower
+from bench.modeling.method import Method, StepOutput
+from bench.modeling.towers import TextTower, VisionTower
 
 ATTENTION_SOURCES = ("cross-attention", "global")
 IMAGE_STRATEGIES = ("attention", "random")

@@ -15,9 +15,10 @@ from tests_support import bench_cli
 
 from bench.cli import main
 from bench.core.results import ResultsStore
-from bench.experiment.chain import build_method, evaluate, random_init_subject
 from bench.experiment.config import compose_config
-from bench.tools.sweep import parse_param
+from bench.experiment.evaluating import evaluate, random_init_subject
+from bench.experiment.pretraining import build_method
+from bench.tools.sweep.spec import parse_param
 
 BAD_JSON = {"binary.json": b"\x89PNG\r\n\x1a\n\x00\xff", "empty-object.json": b"{}", "list.json": b"[1, 2]",
             "null.json": b"null"}

@@ -1,17 +1,12 @@
 import pytest
 
 from bench.core.errors import UserError
-from bench.core.registry import method_names
-from bench.experiment.config import (
-    ablation_names,
-    compose_config,
-    config_hash,
-    eval_hash,
-    pretrain_hash,
-)
+from bench.core.registry import METHODS
+from bench.experiment.config import ablation_names, compose_config
+from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_and_ablation_composes(method):
     for ablation in ablation_names(method):
         cfg = compose_config(method, ablation, 0, ["data.synthetic.size=tiny"])

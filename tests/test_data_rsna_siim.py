@@ -11,6 +11,7 @@ from tests_support import tree_digest as _digest
 
 from bench.core.errors import UserError
 from bench.data.images import read_image
+from bench.data.masks import rle_decode, rle_encode
 from bench.data.synth.dicom_writers import (
     SIZE,
     boxes,
@@ -21,7 +22,7 @@ from bench.data.synth.dicom_writers import (
     write_siim,
 )
 from bench.datasets.rsna import Rsna
-from bench.datasets.siim import Siim, rle_decode, rle_encode
+from bench.datasets.siim import Siim
 
 SEED = 3
 N_RSNA, N_SIIM = 48, 64

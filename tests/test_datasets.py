@@ -8,20 +8,20 @@ import pytest
 from tests_support import bench_cli
 
 from bench.core.errors import UserError
+from bench.core.registry import DATASETS
 from bench.data.adapter import MANIFEST_COLUMNS, patients_in_several_splits
 from bench.data.synth import dataset_dir
-from bench.datasets import adapter_names, get_adapter
 from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
 from bench.evaluation.prompt_sets import get_prompt_set, prompt_set_names
 
 
 def _root(data_home, name: str):
-    return data_home / "synthetic-tiny-0" / dataset_dir(get_adapter(name).config_key or name)
+    return data_home / "synthetic-tiny-0" / dataset_dir(DATASETS.get(name).config_key or name)
 
 
-@pytest.mark.parametrize("name", adapter_names())
+@pytest.mark.parametrize("name", DATASETS.names())
 def test_every_adapter_yields_the_manifest_with_patient_disjoint_splits(data_home, name):
-    adapter = get_adapter(name)(_root(data_home, name))
+    adapter = DATASETS.get(name)(_root(data_home, name))
     manifest = adapter.read()
     task = adapter.task
     assert list(manifest.columns[:4]) == MANIFEST_COLUMNS and set(task.labels) <= set(manifest.columns)
@@ -40,7 +40,7 @@ def test_every_adapter_yields_the_manifest_with_patient_disjoint_splits(data_hom
 
 def test_chexpert_5x200_follows_the_gloria_rule(data_home):
     root = _root(data_home, "chexpert")
-    manifest = get_adapter("chexpert")(root).read()
+    manifest = DATASETS.get("chexpert")(root).read()
     raw = pd.read_csv(root / "train.csv")
     raw = raw.assign(sample_id=raw["Path"].str.split("/", n=1).str[1]).set_index("sample_id")
     held = manifest[manifest["split"] == "5x200"]
@@ -50,16 +50,16 @@ def test_chexpert_5x200_follows_the_gloria_rule(data_home):
     assert (raw.loc[held["sample_id"], FIVE_BY_200_ZERO].fillna(0.0) == 0).all().all()
     assert len(set(held[COMPETITION].to_numpy().argmax(1))) >= 3  # the tiny copy lacks some single-finding classes
     assert (raw.loc[held["sample_id"], "Frontal/Lateral"] == "Frontal").all()
-    variant = get_adapter("chexpert-5x200")(root).read()
+    variant = DATASETS.get("chexpert-5x200")(root).read()
     assert set(variant.loc[variant["split"] == "test", "sample_id"]) == set(held["sample_id"])
-    again = get_adapter("chexpert")(root, {"five_by_200_seed": 0}).read()
+    again = DATASETS.get("chexpert")(root, {"five_by_200_seed": 0}).read()
     assert again["split"].equals(manifest["split"])
 
 
 def test_chexpert_uncertain_policies(data_home):
     root = _root(data_home, "chexpert")
     raw = pd.read_csv(root / "train.csv").assign(sample_id=lambda d: d["Path"].str.split("/", n=1).str[1])
-    read = {p: get_adapter("chexpert")(root, {"uncertain_policy": p}).read().set_index("sample_id")
+    read = {p: DATASETS.get("chexpert")(root, {"uncertain_policy": p}).read().set_index("sample_id")
             for p in ("zeros", "ones", "gloria")}
     rows = raw.set_index("sample_id").loc[read["zeros"].index.intersection(raw["sample_id"])]
     for label in COMPETITION:
@@ -70,7 +70,7 @@ def test_chexpert_uncertain_policies(data_home):
                                                     else 0.0)).all()
         assert (read["ones"].loc[blank, label] == 0).all()
     with pytest.raises(UserError, match="unknown uncertain_policy 'maybe'"):
-        get_adapter("chexpert")(root, {"uncertain_policy": "maybe"}).read()
+        DATASETS.get("chexpert")(root, {"uncertain_policy": "maybe"}).read()
 
 
 def test_chexpert_study_level_test_set_when_present(tmp_path):
@@ -81,7 +81,7 @@ def test_chexpert_study_level_test_set_when_present(tmp_path):
     truth = pd.read_csv(root / "test" / "groundtruth.csv")
     assert list(truth.columns[:2]) == ["Study", "No Finding"] and truth["Study"].str.match(
         r"^CheXpert-v1.0/test/patient\d{5}/study1$").all()
-    manifest = get_adapter("chexpert")(root).read()
+    manifest = DATASETS.get("chexpert")(root).read()
     test = manifest[manifest["split"] == "test"]
     assert len(test) == 12 and test["sample_id"].str.endswith("/view1_frontal.jpg").all()
     assert set(manifest.loc[manifest["split"] == "val", "sample_id"].str[:6]) == {"valid/"}
@@ -95,29 +95,29 @@ def test_bad_chexpert_input_names_file_and_line(tmp_path, data_home):
     train.loc[3, "Edema"] = "2.0"
     train.to_csv(root / "train.csv", index=False)
     with pytest.raises(UserError, match=r"train.csv: line 5: column 'Edema' has value '2.0'"):
-        get_adapter("chexpert")(root).read()
+        DATASETS.get("chexpert")(root).read()
     train.drop(columns=["Edema"]).to_csv(root / "train.csv", index=False)
     with pytest.raises(UserError, match=r"train.csv: missing column\(s\) 'Edema'"):
-        get_adapter("chexpert")(root).read()
+        DATASETS.get("chexpert")(root).read()
     good.to_csv(root / "train.csv", index=False)
     (root / "valid.csv").unlink()
     with pytest.raises(UserError, match="has none of valid.csv"):
-        get_adapter("chexpert")(root).read()
+        DATASETS.get("chexpert")(root).read()
 
 
 def test_mimic_empty_reports_are_skipped_with_a_count_or_refused(tmp_path, data_home, capsys):
     root = tmp_path / "mimic"
     shutil.copytree(_root(data_home, "mimic-cxr"), root)
-    full = get_adapter("mimic-cxr")(root).read()
+    full = DATASETS.get("mimic-cxr")(root).read()
     victim = full.iloc[0]
     report = root / "files" / f"p{victim.patient_id[:2]}" / f"p{victim.patient_id}" / f"s{victim.study_id}.txt"
     report.write_text("")
-    kept = get_adapter("mimic-cxr")(root).read()
+    kept = DATASETS.get("mimic-cxr")(root).read()
     assert victim.sample_id not in set(kept["sample_id"]) and len(kept) < len(full)
     err = capsys.readouterr().err
     assert "skipped 1 of" in err and str(report) in err
     with pytest.raises(UserError, match=f"first: {report}"):
-        get_adapter("mimic-cxr")(root, {"empty_reports": "error"}).read()
+        DATASETS.get("mimic-cxr")(root, {"empty_reports": "error"}).read()
 
 
 def test_inspect_json_has_the_documented_shape(data_home):
@@ -152,7 +152,7 @@ def test_metadata_only_roots_are_allowed_and_strict_refuses_them(tmp_path, data_
 
 def test_a_corrupt_image_is_skipped_before_training_or_stops_the_run(tmp_path, data_home, tiny_cfg, capsys):
     from bench.data.images import UnreadableImage
-    from bench.experiment.chain import load_dataset
+    from bench.data.loading import load_dataset
 
     root = tmp_path / "rsna"
     shutil.copytree(_root(data_home, "rsna"), root)
@@ -175,9 +175,9 @@ def test_broken_settings_and_compressed_metadata_are_one_line_errors(tmp_path, d
     meta = root / "mimic-cxr-2.0.0-metadata.csv.gz"
     meta.write_bytes(meta.read_bytes()[:200])  # a download cut short
     with pytest.raises(UserError, match="mimic-cxr-2.0.0-metadata.csv.gz: cannot be read as CSV"):
-        get_adapter("mimic-cxr")(root).read(with_reports=False)
+        DATASETS.get("mimic-cxr")(root).read(with_reports=False)
     with pytest.raises(UserError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
-        get_adapter("rsna")(_root(data_home, "rsna"), {"val_fraction": 1.5}).read()
+        DATASETS.get("rsna")(_root(data_home, "rsna"), {"val_fraction": 1.5}).read()
     out = bench_cli("data", "inspect", "chexpert", "--root", str(_root(data_home, "chexpert")),
                     "--set", "frontal_only=[oops")
     assert out.returncode == 2 and "bad dataset setting" in out.stderr and "Traceback" not in out.stderr

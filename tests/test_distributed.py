@@ -19,8 +19,8 @@ from tests_support import run_dir_of
 
 from bench.core.results import ResultsStore
 from bench.data.corpus import MixedBatchSampler
-from bench.experiment.chain import build_corpus, build_method, pretrain
 from bench.experiment.config import compose_config
+from bench.experiment.pretraining import build_corpus, build_method, pretrain
 from bench.train import distributed
 from bench.train.trainer import CHECKPOINT, FINAL, Trainer
 

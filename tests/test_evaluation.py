@@ -9,17 +9,17 @@ from sklearn.metrics import roc_auc_score
 
 from bench.core.errors import UserError
 from bench.core.results import ResultsStore
-from bench.evaluation import EvalContext, FeatureCache
+from bench.data.loading import load_dataset
+from bench.evaluation.features import FeatureCache
 from bench.evaluation.metrics import accuracy, task_metrics
-from bench.evaluation.protocols.fine_tune import EarlyStopping, FineTuneModel, fine_tune
+from bench.evaluation.protocol import EvalContext
+from bench.evaluation.protocols.fine_tune import fine_tune
 from bench.evaluation.protocols.linear_probe import linear_probe
 from bench.evaluation.protocols.zero_shot import zero_shot
-from bench.experiment.chain import (
-    build_method,
-    evaluate,
-    load_dataset,
-    random_init_subject,
-)
+from bench.experiment.evaluating import evaluate, random_init_subject
+from bench.experiment.pretraining import build_method
+from bench.modeling.fine_tune_model import FineTuneModel
+from bench.train.early_stopping import EarlyStopping
 from bench.train.trainer import param_groups
 
 CPU = torch.device("cpu")

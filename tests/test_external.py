@@ -12,8 +12,8 @@ import torch
 
 import bench  # noqa: F401  (its import hook lets open_clip's torchvision import on a CPU torch)
 from bench.core.errors import UserError
+from bench.data.batch import TextBatch
 from bench.modeling.external import ExternalCLIP, is_external_spec, load_external
-from bench.modeling.towers import TextBatch
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -4,21 +4,12 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.core.hashing import to_plain
 from bench.core.results import ResultsStore
-from bench.experiment.chain import (
-    build_corpus,
-    build_method,
-    evaluate,
-    pretrain,
-    subject_of_run,
-)
-from bench.experiment.config import (
-    ablation_names,
-    ablation_parameters,
-    compose_config,
-    to_plain,
-)
-from bench.modeling.towers import TextBatch
+from bench.data.batch import TextBatch
+from bench.experiment.config import ablation_names, ablation_parameters, compose_config
+from bench.experiment.evaluating import evaluate, subject_of_run
+from bench.experiment.pretraining import build_corpus, build_method, pretrain
 
 # text-only rows too, so one batch holds every kind of sample
 ALL_KINDS = ("data.corpus.text_only=[mimic-cxr]",)
@@ -48,9 +39,9 @@ def _first_batch(cfg, method):
 
 
 def test_every_method_and_ablation_is_covered(tiny_cfg):
-    from bench.core.registry import method_names
+    from bench.core.registry import METHODS
 
-    named = {(m, a) for m in method_names() for a in ablation_names(m)}
+    named = {(m, a) for m in METHODS.names() for a in ablation_names(m)}
     assert named <= set(EXPECTED_LOSSES)
 
 
@@ -198,7 +189,7 @@ def test_bench_mask_json_for_a_report(data_home, capsys):
 def test_bench_mask_png_for_a_dataset_sample(data_home, tmp_path, tiny_cfg, capsys):
     from PIL import Image
 
-    from bench.experiment.chain import load_dataset
+    from bench.data.loading import load_dataset
 
     cfg = tiny_cfg("mmclip")
     sample = load_dataset(cfg, "mimic-cxr", with_reports=True).manifest["sample_id"].iloc[0]

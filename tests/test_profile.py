@@ -9,9 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import main
 from bench.core.errors import UserError
-from bench.experiment.chain import build_corpus, build_method
 from bench.experiment.config import compose_config
-from bench.tools.profile import count_flops, synthetic_batches, vendor_bf16_tflops
+from bench.experiment.pretraining import build_corpus, build_method
+from bench.tools.profile.inputs import synthetic_batches
+from bench.tools.profile.measure import count_flops, vendor_bf16_tflops
 from bench.train.speed import Speed, accelerated_modules, loader_workers
 
 CPU = torch.device("cpu")

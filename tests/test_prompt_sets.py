@@ -8,13 +8,13 @@ import pytest
 import yaml
 
 from bench.core.errors import UserError
-from bench.datasets import Task, adapter_names, get_adapter
+from bench.core.registry import DATASETS
+from bench.data.adapter import Task
 from bench.datasets.covidx import VOCABULARIES
 from bench.evaluation.prompt_sets import (
     SETS_DIR,
     ClassPrompts,
     compose_prompts,
-    expansion_size,
     get_prompt_set,
     load_prompt_set,
     prompt_set_names,
@@ -26,8 +26,8 @@ SHIPPED = ["chexzero", "class-names", "gloria", "medklip", "synthetic-reports"]
 def dataset_tasks() -> list[tuple[str, list[str]]]:
     """(dataset, labels) of every registered task; COVIDx's depends on its files, so both vocabularies."""
     out = []
-    for name in adapter_names():
-        task = get_adapter(name).task
+    for name in DATASETS.names():
+        task = DATASETS.get(name).task
         if isinstance(task, Task):
             out.append((name, task.labels))
         elif name == "covidx":
@@ -48,7 +48,7 @@ def test_every_set_loads_and_covers_every_label_of_every_dataset(name):
     assert prompt_set.description and prompt_set.source and prompt_set.path == SETS_DIR / f"{name}.yaml"
     assert prompt_set.sha256 == hashlib.sha256(prompt_set.path.read_bytes()).hexdigest()
     tasks = dataset_tasks()
-    assert {d for d, _ in tasks} == set(adapter_names()) and len(tasks) >= 8
+    assert {d for d, _ in tasks} == set(DATASETS.names()) and len(tasks) >= 8
     for dataset, labels in tasks:
         prompts = prompt_set.for_task(dataset, labels)
         assert list(prompts) == labels
@@ -58,9 +58,9 @@ def test_every_set_loads_and_covers_every_label_of_every_dataset(name):
 
 
 def test_nih_and_mimic_and_covidx_label_spellings_are_covered():
-    nih = get_adapter("nih").task.labels
+    nih = DATASETS.get("nih").task.labels
     assert "Pleural_Thickening" in nih and "Effusion" in nih
-    assert set(get_adapter("mimic-cxr").task.labels) >= {"No Finding", "Support Devices", "Pleural Other"}
+    assert set(DATASETS.get("mimic-cxr").task.labels) >= {"No Finding", "Support Devices", "Pleural Other"}
     names = get_prompt_set("class-names").for_task("nih", nih)
     assert {k: names[k].positive[0] for k in ("Pleural_Thickening", "Mass", "Nodule", "Hernia", "Effusion")} == {
         "Pleural_Thickening": "pleural thickening", "Mass": "lung mass", "Nodule": "lung nodule",
@@ -101,12 +101,12 @@ def test_gloria_expansion_counts_sampling_and_typo_fix():
     assert len(composed) >= 20
     for label, entry in composed.items():
         slots = entry["compose"]
-        assert len(compose_prompts(slots)) == expansion_size(slots) == math.prod(map(len, slots))
+        assert len(compose_prompts(slots)) == math.prod(map(len, slots))
         drawn = prompt_set.classes[label].positive
         assert entry["sample"] == 5 and len(drawn) == 5 and len(set(drawn)) == 5, label
         assert set(drawn) <= {" ".join(p.split()) for p in compose_prompts(slots)}
-    assert expansion_size(composed["Atelectasis"]["compose"]) == 3 * 7 * 10
-    assert expansion_size(composed["Pleural Effusion"]["compose"]) == 6 * 3 * 3
+    assert math.prod(map(len, composed["Atelectasis"]["compose"])) == 3 * 7 * 10
+    assert math.prod(map(len, composed["Pleural Effusion"]["compose"])) == 6 * 3 * 3
     every = [p for c in prompt_set.classes.values() for p in c.positive]
     assert not [p for p in every if "uppper" in p]
     assert "at the right upper lobe" in composed["Consolidation"]["compose"][2]

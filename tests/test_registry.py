@@ -6,17 +6,17 @@ import textwrap
 import pytest
 
 from bench.core.errors import UserError
-from bench.core.registry import get_method, method_names, register_method
+from bench.core.registry import METHODS, register_method
 
 
 def test_builtin_methods_register_themselves():
-    assert "clip" in method_names()
-    assert get_method("clip").name == "clip"
+    assert "clip" in METHODS.names()
+    assert METHODS.get("clip").name == "clip"
 
 
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(UserError, match="valid methods: .*clip"):
-        get_method("does-not-exist")
+        METHODS.get("does-not-exist")
 
 
 def test_a_name_cannot_be_taken_twice():

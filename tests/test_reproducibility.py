@@ -17,7 +17,8 @@ from tests_support import run_dir_of
 
 from bench.core.io import HOST, FileLock, atomic_write_text, remove_stale_temporaries
 from bench.core.results import ResultsStore
-from bench.experiment.chain import build_method, evaluate, random_init_subject
+from bench.experiment.evaluating import evaluate, random_init_subject
+from bench.experiment.pretraining import build_method
 
 CPU = torch.device("cpu")
 

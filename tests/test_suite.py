@@ -166,9 +166,9 @@ def test_two_workers_on_one_results_folder_split_the_work_and_do_each_step_once(
 
 
 def test_a_diverging_run_is_reported_and_the_others_go_on(data_home, tmp_path, capsys, monkeypatch):
-    from bench.core.registry import get_method
+    from bench.core.registry import METHODS
 
-    clip = get_method("clip")
+    clip = METHODS.get("clip")
     step = clip.training_step
 
     def nan_without_ablation(self, batch):

@@ -12,14 +12,8 @@ from tests_support import bench_cli
 
 from bench.core.errors import UserError
 from bench.experiment.config import compose_config
-from bench.tools.sweep import (
-    Objective,
-    SweepSpec,
-    finalize,
-    load_study,
-    parse_param,
-    run_sweep,
-)
+from bench.tools.sweep.spec import Objective, SweepSpec, parse_param
+from bench.tools.sweep.study import finalize, load_study, run_sweep
 
 # trials as short as a real pretraining run can be: 2 epochs of the tiny corpus, scored on rsna's val split
 FAST = [*TINY, "eval.datasets=[rsna]"]
@@ -129,8 +123,8 @@ def test_pruning_stops_a_trial_below_the_median(data_home, tmp_path):
 
 def test_no_test_sample_is_read_during_a_sweep(data_home, tmp_path, monkeypatch):
     from bench.data.images import ImageCache
+    from bench.data.loading import load_dataset
     from bench.data.splits import SealedSplit, sealed
-    from bench.experiment.chain import load_dataset
 
     read: list[str] = []
     entry = ImageCache.entry

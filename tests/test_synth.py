@@ -4,8 +4,8 @@ import pytest
 from tests_support import tree_digest as _digest
 
 from bench.core.errors import UserError
+from bench.core.registry import DATASETS
 from bench.data.synth import dataset_dir, ensure_synthetic
-from bench.datasets import get_adapter
 
 CHEXPERT_DIR, MIMIC_DIR = dataset_dir("chexpert"), dataset_dir("mimic-cxr")
 
@@ -54,8 +54,8 @@ def test_mimic_layout_and_quirks(data_home):
 
 def test_labels_follow_the_report_text(data_home):
     root = data_home / "synthetic-tiny-0" / MIMIC_DIR
-    manifest = get_adapter("mimic-cxr")(root, {"uncertain_policy": "zeros"}).read()
-    hedged_as_positive = get_adapter("mimic-cxr")(root, {"uncertain_policy": "ones"}).read()
+    manifest = DATASETS.get("mimic-cxr")(root, {"uncertain_policy": "zeros"}).read()
+    hedged_as_positive = DATASETS.get("mimic-cxr")(root, {"uncertain_policy": "ones"}).read()
     effusion = manifest["report"].str.lower().str.contains("pleural effusion")
     negated = manifest["report"].str.lower().str.contains("no pleural effusion")
     hedged = manifest["report"].str.lower().str.contains(r"(?:possible|questionable|probable)[^.]*pleural effusion")

@@ -11,7 +11,7 @@ from tests_support import run_dir_of
 
 from bench.core.errors import TrainingDiverged
 from bench.core.results import ResultsStore
-from bench.experiment.chain import build_method, pretrain
+from bench.experiment.pretraining import build_method, pretrain
 from bench.train.trainer import CHECKPOINT, FINAL, cosine_with_warmup, param_groups
 
 

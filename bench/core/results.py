@@ -28,6 +28,8 @@ from bench.core.io import (
     temporary_name,
 )
 
+RANDOM_INIT = "random-init"  # the method name of a model's untrained baseline in records
+
 SCHEMA_VERSION = 2  # 2: bootstrap CIs and replicates, thresholds, timing, fine-tune records
 
 

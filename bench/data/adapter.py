@@ -14,13 +14,13 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Mapping
 
 from omegaconf import DictConfig
 
+from bench.core.checks import Check
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
-from bench.experiment.config_checks import Check
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -45,8 +45,29 @@ def finding_task(labels: list[str], metric: str = "auc") -> Task:
     return Task(labels=labels, multilabel=True, metric=metric)
 
 
+@dataclass(frozen=True)
+class Synthetic:
+    """A dataset's copy in the built-in synthetic benchmark: the folder it is written to (named as the real
+    download names it), how many items each size has, and the writer, `module:function` called as
+    `function(folder, count, seed, workers)` (named rather than imported, so that listing the adapters stays
+    instant)."""
+
+    folder: str
+    counts: Mapping[str, int]
+    writer: str
+
+
 class Adapter:
-    """Reads a dataset root into a manifest. Subclasses set `name` and `task` and implement `read`.
+    """Reads a dataset root into a manifest. A plug-in subclass (one module in datasets/, registered with
+    `@register_adapter`) sets `name`, `task` and `description`, implements `read`, and declares:
+    - `defaults`: its settings, which the configuration holds as `data.<name>` (with `root: null` first: null
+      reads the synthetic copy), and `setting_checks`, the valid values of those that need more than their
+      default's type;
+    - `synthetic`: its copy in the synthetic benchmark (`Synthetic`), or None for a dataset without one;
+    - `prompts`: zero-shot prompts for labels the shipped prompt sets do not cover, per prompt set
+      ({set name: {label: class}} in the prompt-set file schema, bench/evaluation/prompt_sets.py).
+    A variant that reads another adapter's files and settings (chexpert-5x200) sets `config_key` to that
+    adapter's name and declares none of these.
 
     `read(with_reports=False)` may skip reading report text (metadata-only inspection of big corpora).
     """
@@ -55,9 +76,17 @@ class Adapter:
     config_key: ClassVar[str] = ""  # the `data.<key>` entry it reads, when not its own name
     task: Task  # a class attribute, or a property where the files decide it (COVIDx's two vocabularies)
     description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
     # valid values of its own settings (data.<key>.<setting>), checked with the rest of the configuration
     # before any work (bench.experiment.config_checks); a setting without one is checked against its default's type
     setting_checks: ClassVar[dict[str, Check]] = {}
+    synthetic: ClassVar[Synthetic | None] = None
+    prompts: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def settings_key(cls) -> str:
+        """The `data.<key>` entry this adapter reads."""
+        return cls.config_key or cls.name
 
     def __init__(self, root: str | Path, cfg: DictConfig | dict | None = None):
         self.root = Path(root).expanduser().absolute()
@@ -109,32 +138,6 @@ def hash_split(patient_ids: Iterable[str], salt: str, val: float, test: float) -
 def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
     counts = manifest.groupby("patient_id")["split"].nunique()
     return sorted(counts[counts > 1].index.astype(str))
-
-
-_ADAPTERS: dict[str, type[Adapter]] = {}
-
-
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    _ADAPTERS[cls.name] = cls
-    return cls
-
-
-def adapter_names() -> list[str]:
-    return sorted(_ADAPTERS)
-
-
-def adapter_settings() -> dict[str, dict[str, Check]]:
-    """data.<key> -> the setting checks its adapters declare."""
-    out: dict[str, dict[str, Check]] = {}
-    for cls in _ADAPTERS.values():
-        out.setdefault(cls.config_key or cls.name, {}).update(cls.setting_checks)
-    return out
-
-
-def get_adapter(name: str) -> type[Adapter]:
-    if name not in _ADAPTERS:
-        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(adapter_names())}")
-    return _ADAPTERS[name]
 
 
 def read_csv(path: Path, **kwargs) -> pd.DataFrame:

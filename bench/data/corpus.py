@@ -17,11 +17,15 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from bench.core.errors import UserError
+from bench.data.batch import Batch, TextBatch
 from bench.data.image_datasets import ImagePreprocessor
 from bench.data.images import ImageCache
-from bench.modeling.masking import TextMasker
-from bench.modeling.method import Batch
-from bench.modeling.towers import Tokenizer
+
+# texts -> their token batch (bench.modeling.towers.Tokenizer)
+Tokenize = Callable[[list[str]], TextBatch]
+# (texts, one generator per text, which may be masked) -> (text, masked text, MLM labels)
+# (bench.modeling.masking.TextMasker)
+MaskTexts = Callable[[list[str], list[np.random.Generator], list[bool]], tuple[TextBatch, TextBatch, torch.Tensor]]
 
 KINDS = ("paired", "image_only", "text_only")
 
@@ -105,10 +109,10 @@ def _text_id(text: str) -> int:
 
 
 class CorpusCollate:
-    """Items -> Batch: rows ordered by kind, text tokenised, and with a `TextMasker` the reports (not the
+    """Items -> Batch: rows ordered by kind, text tokenised, and with a masker the reports (not the
     prompts) masked for MLM."""
 
-    def __init__(self, tokenizer: Tokenizer, masker: TextMasker | None = None):
+    def __init__(self, tokenizer: Tokenize, masker: MaskTexts | None = None):
         self.tokenizer, self.masker = tokenizer, masker
 
     def __call__(self, items: list) -> Batch:

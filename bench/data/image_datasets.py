@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bench.data.batch import Batch
 from bench.data.images import ImageCache
-from bench.modeling.method import Batch
 
 
 class ImagePreprocessor:

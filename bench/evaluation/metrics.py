@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.sparse import csr_matrix
-from sklearn.metrics import roc_auc_score
 
 # the macro metrics of each task kind, in display order
 METRICS: dict[str, tuple[str, ...]] = {
@@ -29,21 +28,6 @@ METRICS: dict[str, tuple[str, ...]] = {
     "multi-label": ("auc", "f1", "acc", "mcc"),
     "multi-class": ("auc", "acc", "f1", "mcc"),
 }
-
-
-def auc_per_class(y_true: np.ndarray, scores: np.ndarray, labels: list[str]) -> dict[str, float]:
-    """ROC AUC of each class; NaN where the split holds only one label value for that class."""
-    out = {}
-    for j, name in enumerate(labels):
-        y = y_true[:, j]
-        out[name] = float(roc_auc_score(y, scores[:, j])) if len(np.unique(y)) == 2 else float("nan")
-    return out
-
-
-def macro(per_class: dict[str, float]) -> float:
-    """Mean over the classes where the metric is defined; NaN if none is."""
-    values = [v for v in per_class.values() if not np.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def accuracy(y_onehot: np.ndarray, scores: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Named, versioned zero-shot prompt sets, kept as data: one YAML file per set in bench/prompt_sets/.
+"""Named, versioned zero-shot prompt sets, kept as data: one YAML file per set in bench/evaluation/prompt_sets/
+(a dataset adapter may add blocks for its own labels: `Adapter.prompts`).
 
 Zero-shot classification embeds each class's prompts with the text tower. Which prompts is a protocol
 choice (DATASETS.md §10: CheXzero's "<finding>" / "no <finding>", GLoRIA's severity x subtype x location,
@@ -47,7 +48,7 @@ import functools
 import hashlib
 import io
 import itertools
-import math
+import json
 import random
 import re
 from collections.abc import Mapping
@@ -244,7 +245,9 @@ class _Parser:
         return out
 
 
-def _parse(path: Path, data: bytes) -> PromptSet:
+def _parse(path: Path, data: bytes, declared: str = "{}") -> PromptSet:
+    """The set in `data`, with the blocks dataset adapters declare for it (`declared`: JSON of
+    {set name: {dataset: block}}, `Adapter.prompts`) joined as `datasets` blocks."""
     try:
         stream = io.StringIO(data.decode("utf-8"))
         stream.name = path.name  # PyYAML names it in its messages
@@ -278,30 +281,54 @@ def _parse(path: Path, data: bytes) -> PromptSet:
     if not isinstance(overrides, dict):
         raise UserError(f"{path}: datasets must map dataset names to label overrides")
     if overrides:
-        # the registered datasets, imported late (pandas and the adapters are not needed otherwise)
-        from bench.datasets import adapter_names
+        from bench.core.registry import DATASETS
 
-        unknown = sorted(str(d) for d in overrides if d not in adapter_names())
+        unknown = sorted(str(d) for d in overrides if d not in DATASETS.names())
         if unknown:
             raise UserError(f"{path}: datasets: unknown dataset(s) {', '.join(unknown)}; "
-                            f"valid datasets: {', '.join(adapter_names())}")
+                            f"valid datasets: {', '.join(DATASETS.names())}")
+    from_adapters = json.loads(declared).get(name, {})
+    both = sorted(set(overrides) & set(from_adapters))
+    if both:
+        raise UserError(f"{path}: datasets: {', '.join(both)} also declare(s) prompts for {name} in the adapter; "
+                        f"keep one")
+    overrides = {**overrides, **from_adapters}
     datasets = {}
     for dataset, block in overrides.items():
         parsed = parser.resolve(f"datasets.{dataset}", parser.block(f"datasets.{dataset}", block), classes)
         datasets[dataset] = MappingProxyType(parsed)
     return PromptSet(name=name, version=version, description=" ".join(raw["description"].split()),
                      source=" ".join(raw["source"].split()), path=path, classes=MappingProxyType(classes),
-                     datasets=MappingProxyType(datasets), digest=hashlib.sha256(data).hexdigest())
+                     datasets=MappingProxyType(datasets), digest=_digest(data, from_adapters))
+
+
+def _digest(data: bytes, from_adapters: dict) -> str:
+    """The sha256 of the file's bytes, and of the adapters' blocks for the set where there are any."""
+    if from_adapters:
+        data += b"\n# declared by dataset adapters\n" + json.dumps(from_adapters, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def adapter_prompts() -> str:
+    """JSON of {prompt set: {dataset: block}}: the prompts every registered adapter declares (`prompts`)."""
+    from bench.core.registry import DATASETS
+
+    declared: dict[str, dict] = {}
+    for cls in DATASETS.classes():
+        for set_name, block in cls.prompts.items():
+            declared.setdefault(set_name, {})[cls.name] = block
+    return json.dumps(declared, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
-def _load(path: Path, mtime_ns: int, size: int) -> PromptSet:
-    """One file, parsed once per (path, modification time, size): an edited user file is read again."""
+def _load(path: Path, mtime_ns: int, size: int, declared: str) -> PromptSet:
+    """One file, parsed once per (path, modification time, size, adapters' blocks): an edited user file is
+    read again."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot be read ({_one_line(exc)})") from None
-    return _parse(path, data)
+    return _parse(path, data, declared)
 
 
 def load_prompt_set(path: str | Path) -> PromptSet:
@@ -311,7 +338,7 @@ def load_prompt_set(path: str | Path) -> PromptSet:
         raise UserError(f"prompt set file {path} does not exist")
     path = path.resolve()
     stat = path.stat()
-    return _load(path, stat.st_mtime_ns, stat.st_size)
+    return _load(path, stat.st_mtime_ns, stat.st_size, adapter_prompts())
 
 
 @functools.lru_cache(maxsize=1)
@@ -345,8 +372,3 @@ def get_prompt_set(name: str) -> PromptSet:
             raise UserError(f"prompt set {text!r} does not exist: {found.path} is {found.id}; "
                             f"valid prompt sets: {', '.join(names)} (name or name@vN)")
     return found
-
-
-def expansion_size(slots: list[list[str]]) -> int:
-    """How many prompts `compose` yields before sampling: the product of the slot sizes."""
-    return math.prod(len(slot) for slot in slots)

@@ -1,8 +1,7 @@
-"""Config composition (Hydra's compose API under our own CLI) and the hashes that identify experiments."""
+"""Config composition: Hydra's compose API under our own CLI, over configs/ and the settings the plug-ins
+declare (a dataset adapter's `data.<name>`, a protocol's `eval.<section>`), checked before any work."""
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Iterable
@@ -11,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import bench.configs
 from bench.core.errors import UserError
+from bench.core.registry import DATASETS, PROTOCOLS
 from bench.experiment.config_checks import (
     check_config,
     check_known,
@@ -23,15 +23,26 @@ CONFIG_DIR = Path(bench.configs.__file__).resolve().parent
 
 NO_ABLATION = "none"
 CONFIG_GROUPS = ("method", "model", "data", "trainer", "eval")  # `model=base` chooses a file, not a value
-# keys that say how a run executes or where it writes, not what it computes
-NON_SEMANTIC = ("runtime", "results_dir")
+
+
+def plugin_settings() -> dict[str, dict]:
+    """The settings the plug-ins declare, as the config files place them: `data/adapters` holds every
+    dataset's `data.<name>` (root null, then its adapter's `defaults`), `eval/protocols` every protocol's
+    `eval.<section>`."""
+    datasets = {cls.name: {"root": None, **cls.defaults} for cls in DATASETS.classes() if not cls.config_key}
+    protocols = {cls.section(): dict(cls.defaults) for cls in PROTOCOLS.classes() if cls.defaults}
+    return {"data": datasets, "eval": protocols}
 
 
 def _hydra():
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+    store, declared = ConfigStore.instance(), plugin_settings()
+    store.store(group="data", name="adapters", node=declared["data"])
+    store.store(group="eval", name="protocols", node=declared["eval"])
     return compose, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3")
 
 
@@ -69,9 +80,9 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from bench.core.registry import method_names
+    from bench.core.registry import METHODS
 
-    methods = method_names()
+    methods = METHODS.names()
     if method not in methods:
         raise UserError(f"unknown method {method!r}; valid methods: {', '.join(methods)}")
     items = [f"method={method}"]
@@ -140,81 +151,3 @@ def _valid_options_hint(message: str) -> str:
         return f"; valid {m.group(1)} options: {', '.join(group_options(m.group(1)))}"
     except Exception:  # the hint is a courtesy; the error stands without it
         return ""
-
-
-def to_plain(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def stable_hash(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Everything that decides the numbers, seeds included."""
-    plain = to_plain(cfg)
-    return stable_hash({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
-
-
-def dataset_settings(cfg: DictConfig, name: str) -> DictConfig:
-    """`data.<name>`, or the entry a dataset variant shares (chexpert-5x200 reads `data.chexpert`)."""
-    from bench.datasets import get_adapter
-
-    key = get_adapter(name).config_key or name
-    if key not in cfg.data:
-        raise UserError(f"dataset {name!r} has no settings: data.{key} is missing from the config")
-    return cfg.data[key]
-
-
-def dataset_identity(cfg: DictConfig, name: str) -> dict:
-    """What decides a dataset's samples: its settings, the corrupt-image policy, and, when it reads the
-    synthetic copy (root null), the generator's parameters. Cache and split folders are left out."""
-    from bench.data.synth import DATASETS, GENERATOR_VERSION
-    from bench.datasets import get_adapter
-
-    settings = to_plain(dataset_settings(cfg, name))
-    out = {"dataset": name, "settings": settings, "corrupt_images": cfg.data.corrupt_images}
-    if settings.get("root") is None:
-        size = cfg.data.synthetic.size
-        counts = DATASETS.get(get_adapter(name).config_key or name, ("", {}))[1]
-        out["synthetic"] = {"size": size, "seed": cfg.data.synthetic.seed, "generator_version": GENERATOR_VERSION,
-                            "count": counts.get(size)}
-    return out
-
-
-def corpus_sources(cfg: DictConfig) -> dict[str, list[str]]:
-    """The pretraining sources this method reads, by kind: always the paired ones; the image-only and
-    text-only ones only for a method with `unpaired: true`."""
-    corpus = cfg.data.corpus
-    sources = {"paired": list(corpus.paired)}
-    if not sources["paired"]:
-        raise UserError("data.corpus.paired is empty: pretraining needs at least one paired image-report source")
-    if cfg.method.get("unpaired", False):
-        sources.update(image_only=list(corpus.image_only), text_only=list(corpus.text_only))
-    return sources
-
-
-def pretrain_hash(cfg: DictConfig) -> str:
-    """What decides a pretrained checkpoint except its seed: runs that differ only in seed share it, and
-    tables aggregate seeds within it. Of `data`, only the corpus sources the method reads count."""
-    plain = to_plain(cfg)
-    kept = {k: v for k, v in plain.items() if k not in (*NON_SEMANTIC, "seed", "eval", "data")}
-    sources = corpus_sources(cfg)
-    data = {kind: [dataset_identity(cfg, name) for name in names] for kind, names in sources.items()}
-    if len(sources) > 1:
-        data["mix"] = to_plain(cfg.data.corpus.mix)
-    return stable_hash({**kept, "data": data})
-
-
-# eval settings that choose which records to make, or how fast, not what any one record holds
-EVAL_SCHEDULE = ("datasets", "protocols", "fractions", "seeds", "random_init_baseline", "cache_features",
-                 "batch_size")
-
-
-def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:
-    """The settings of one evaluation (its protocol's section of `eval`, the shared ones, the dataset's)."""
-    e = to_plain(cfg.eval)
-    protocol_sections = {"zero_shot", "linear_probe", "fine_tune"}
-    shared = {k: v for k, v in e.items() if k not in EVAL_SCHEDULE and k not in protocol_sections}
-    return stable_hash({"protocol": protocol, "shared": shared, "own": e.get(protocol.replace("-", "_"), {}),
-                        "data": dataset_identity(cfg, dataset)})

@@ -18,137 +18,40 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
-import os
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from bench.core.checks import (
+    Check,
+    folder_or_null,
+    integer,
+    is_int,
+    is_number,
+    list_of,
+    number,
+    number_or_numbers,
+    one_of,
+    show,
+    switch,
+    text,
+)
 from bench.core.errors import UserError
-
-Check = Callable[[str, Any], "str | None"]  # (key, value) -> what is valid, or None if the value is
 
 # mappings whose keys are the user's to choose: Hugging Face config fields, label phrases, label files
 OPEN = ("model.text.config", "method.prompts.names", "data.covidx.label_files")
 
 
-def _show(value: Any) -> str:
-    return "null" if value is None else repr(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def integer(low: int | None = None, high: int | None = None, null: bool = False) -> Check:
-    def check(key: str, v: Any) -> str | None:
-        if v is None and null:
-            return None
-        if not _is_int(v) or (low is not None and v < low) or (high is not None and v > high):
-            bounds = " and ".join(b for b in (low is not None and f">= {low}", high is not None and f"<= {high}") if b)
-            return f"an integer{' ' + bounds if bounds else ''}{' or null' if null else ''}"
-        return None
-
-    return check
-
-
-def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
-           null: bool = False) -> Check:
-    def check(key: str, v: Any) -> str | None:
-        if v is None and null:
-            return None
-        ok = _is_number(v) and (low is None or (v > low if low_open else v >= low)) and \
-            (high is None or (v < high if high_open else v <= high))
-        if ok:
-            return None
-        if low is not None and high is not None:
-            span = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            span = f" {'>' if low_open else '>='} {low:g}"
-        else:
-            span = ""
-        return f"a number{span}{' or null' if null else ''}"
-
-    return check
-
-
-def one_of(options: Iterable[Any] | Callable[[], Iterable[Any]], null: bool = False) -> Check:
-    def check(key: str, v: Any) -> str | None:
-        valid = list(options() if callable(options) else options)
-        if (v is None and null) or (v is not None and v in valid and not isinstance(v, (list, dict))):
-            return None
-        return f"one of {', '.join(map(str, valid))}{' or null' if null else ''}"
-
-    return check
-
-
-def switch(key: str, v: Any) -> str | None:
-    return None if isinstance(v, bool) or v == "auto" else "true, false or auto"
-
-
-def text(null: bool = False) -> Check:
-    def check(key: str, v: Any) -> str | None:
-        return None if (isinstance(v, str) and v.strip()) or (v is None and null) else \
-            f"a non-empty text{' or null' if null else ''}"
-
-    return check
-
-
-def list_of(item: Check, nonempty: bool = False, distinct: bool = False, length: int | None = None) -> Check:
-    """A list whose every element passes `item`; its errors name the element (`eval.seeds[1]='x'`)."""
-
-    def check(key: str, v: Any) -> str | None:
-        if not isinstance(v, list) or (nonempty and not v):
-            return f"a {'non-empty ' if nonempty else ''}list, e.g. [a, b]"
-        if length is not None and len(v) != length:
-            return f"a list of {length}"
-        for i, element in enumerate(v):
-            problem = item(f"{key}[{i}]", element)
-            if problem:
-                raise UserError(f"{key}[{i}]={_show(element)} is not valid: expected {problem}")
-        if distinct and len({repr(e) for e in v}) != len(v):
-            return "a list without repeated entries"
-        return None
-
-    return check
-
-
-def folder_or_null(key: str, v: Any) -> str | None:
-    if v is not None and not (isinstance(v, str) and os.path.isdir(os.path.expanduser(v))):
-        raise UserError(f"{key}: {v} does not exist or is not a folder (null reads the dataset's copy in the "
-                        f"synthetic benchmark)")
-    return None
-
-
-def number_or_numbers(key: str, v: Any) -> str | None:
-    if _is_number(v) or (isinstance(v, list) and v and all(_is_number(x) for x in v)):
-        return None
-    return "a number, or a list of one number per channel"
-
-
 def _datasets() -> list[str]:
-    from bench.datasets import adapter_names
+    from bench.core.registry import DATASETS
 
-    return adapter_names()
-
-
-def _protocols() -> tuple[str, ...]:
-    from bench.evaluation import PROTOCOLS
-
-    return PROTOCOLS
+    return DATASETS.names()
 
 
-def prompt_set(key: str, v: Any) -> str | None:
-    from bench.evaluation.prompt_sets import get_prompt_set
+def _protocols() -> list[str]:
+    from bench.core.registry import PROTOCOLS
 
-    if not isinstance(v, str):
-        return "a prompt set name (see `bench list`) or the path of a prompt set file"
-    get_prompt_set(v)  # an unknown name or a broken file is its own one-line error
-    return None
+    return PROTOCOLS.names()
 
 
 DATASETS = one_of(_datasets)
@@ -177,19 +80,6 @@ RULES: dict[str, Check] = {
     "eval.bootstrap.resamples": integer(1),
     "eval.bootstrap.seed": integer(0),
     "eval.bootstrap.confidence": number(0, 1, low_open=True, high_open=True),
-    "eval.zero_shot.prompt_sets": list_of(prompt_set, nonempty=True, distinct=True),
-    "eval.zero_shot.aggregate": one_of(("embedding", "mean", "max")),
-    "eval.zero_shot.mode": one_of(("pos-neg", "cosine")),
-    "eval.linear_probe.c_grid": list_of(number(0, low_open=True), nonempty=True),
-    "eval.linear_probe.max_iter": integer(1),
-    "eval.fine_tune.epochs": integer(1),
-    "eval.fine_tune.batch_size": integer(1),
-    "eval.fine_tune.lr": number(0, low_open=True),
-    "eval.fine_tune.encoder_lr_multiplier": number(0),
-    "eval.fine_tune.weight_decay": number(0),
-    "eval.fine_tune.warmup_epochs": number(0),
-    "eval.fine_tune.patience": integer(1, null=True),
-    "eval.fine_tune.precision": one_of(("auto", "bf16", "fp32")),
     "data.corpus.paired": list_of(DATASETS, nonempty=True, distinct=True),
     "data.corpus.image_only": list_of(DATASETS, distinct=True),
     "data.corpus.text_only": list_of(DATASETS, distinct=True),
@@ -213,7 +103,7 @@ RULES: dict[str, Check] = {
     "model.image.std": number_or_numbers,
     "runtime.device": lambda k, v: None if isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or (
         v.startswith("cuda:") and v[5:].isdigit())) else "auto, cpu, cuda, cuda:N or mps",
-    "runtime.num_workers": lambda k, v: None if v == "auto" or (_is_int(v) and v >= 0) else "an integer >= 0 or auto",
+    "runtime.num_workers": lambda k, v: None if v == "auto" or (is_int(v) and v >= 0) else "an integer >= 0 or auto",
     "runtime.decode_workers": integer(1, null=True),
     "runtime.threads": integer(1, null=True),
     "runtime.speed.compile": switch,
@@ -235,18 +125,38 @@ def _rule(key: str, own: dict[str, Check]) -> Check | None:
         return RULES.get(key) or own[key]
     parts = key.split(".")
     if len(parts) == 3 and parts[0] == "data":  # a dataset's own settings, as its adapter declares them
-        from bench.datasets import adapter_settings
-
-        declared = adapter_settings().get(parts[1], {}).get(parts[2])
+        declared = _adapter_settings().get(parts[1], {}).get(parts[2])
+        if declared is not None:
+            return declared
+    if len(parts) == 3 and parts[0] == "eval":  # a protocol's own settings, as it declares them
+        declared = _protocol_settings().get(parts[1], {}).get(parts[2])
         if declared is not None:
             return declared
     return next((check for pattern, check in PATTERNS.items() if fnmatch.fnmatchcase(key, pattern)), None)
 
 
+def _adapter_settings() -> dict[str, dict[str, Check]]:
+    """data.<key> -> the setting checks its adapters declare (a variant such as chexpert-5x200 adds to its
+    entry's)."""
+    from bench.core.registry import DATASETS
+
+    out: dict[str, dict[str, Check]] = {}
+    for cls in DATASETS.classes():
+        out.setdefault(cls.config_key or cls.name, {}).update(cls.setting_checks)
+    return out
+
+
+def _protocol_settings() -> dict[str, dict[str, Check]]:
+    """eval.<section> -> the setting checks its protocol declares."""
+    from bench.core.registry import PROTOCOLS
+
+    return {cls.section(): cls.setting_checks for cls in PROTOCOLS.classes()}
+
+
 def _type_name(v: Any) -> str:
     if isinstance(v, bool):
         return "true or false"
-    if _is_int(v):
+    if is_int(v):
         return "an integer"
     if isinstance(v, float):
         return "a number"
@@ -262,10 +172,10 @@ def _type_name(v: Any) -> str:
 def _same_type(value: Any, default: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
-    if _is_int(default):
-        return _is_int(value)
+    if is_int(default):
+        return is_int(value)
     if isinstance(default, float):
-        return _is_number(value)
+        return is_number(value)
     return isinstance(value, type(default))
 
 
@@ -274,13 +184,13 @@ def _walk(key: str, value: Any, default: Any, open_: bool, own: dict[str, Check]
     if rule is not None:
         problem = rule(key, value)
         if problem:
-            raise UserError(f"{key}={_show(value)} is not valid: expected {problem}")
+            raise UserError(f"{key}={show(value)} is not valid: expected {problem}")
         return
     if default is None or open_:  # nothing to compare with (null by default), or a mapping of the user's
         return
     if value is None or not _same_type(value, default):
-        raise UserError(f"{key}={_show(value)} is not valid: expected {_type_name(default)} (its default is "
-                        f"{_show(default)})")
+        raise UserError(f"{key}={show(value)} is not valid: expected {_type_name(default)} (its default is "
+                        f"{show(default)})")
     if isinstance(value, dict):
         for k, v in value.items():
             sub = f"{key}.{k}" if key else str(k)
@@ -288,7 +198,7 @@ def _walk(key: str, value: Any, default: Any, open_: bool, own: dict[str, Check]
     elif isinstance(value, list) and default:
         for i, v in enumerate(value):
             if not _same_type(v, default[0]):
-                raise UserError(f"{key}[{i}]={_show(v)} is not valid: expected {_type_name(default[0])} in the "
+                raise UserError(f"{key}[{i}]={show(v)} is not valid: expected {_type_name(default[0])} in the "
                                 f"list")
 
 
@@ -342,16 +252,16 @@ def check_config(cfg: DictConfig, defaults: DictConfig, reads_corpus: bool = Tru
     outside its range, or a dataset it reads has no root (the pretraining corpus's only if `reads_corpus`:
     evaluating a checkpoint reads none of it); see the module docstring. (`check_known` checks the overrides'
     keys first.)"""
-    from bench.core.registry import get_method
-    from bench.datasets import get_adapter
-    from bench.experiment.config import corpus_sources, dataset_settings
+    from bench.core.registry import DATASETS, METHODS, PROTOCOLS
+    from bench.data.loading import dataset_settings
+    from bench.experiment.identity import corpus_sources
 
     plain, base = plain_config(cfg), plain_config(defaults)
-    method = get_method(plain["method"]["name"])
+    method = METHODS.get(plain["method"]["name"])
     _walk("", plain, base, False, {f"method.{k}": check for k, check in method.setting_checks.items()})
     method.check_config(cfg)
     e = plain["eval"]
-    if set(e["protocols"]) & {"linear-probe", "fine-tune"}:
+    if any(PROTOCOLS.get(p).fits_labels for p in e["protocols"]):
         for key in ("fractions", "seeds"):
             if not e[key]:
                 raise UserError(f"eval.{key} is empty, but eval.protocols has {', '.join(e['protocols'])}: give at "
@@ -360,7 +270,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig, reads_corpus: bool = Tru
         if reads_corpus else set(plain["eval"]["datasets"])
     for name in sorted(read):
         settings = dataset_settings(cfg, name)  # every dataset read has its entry in `data`
-        folder_or_null(f"data.{get_adapter(name).config_key or name}.root", settings.get("root"))
+        folder_or_null(f"data.{DATASETS.get(name).settings_key()}.root", settings.get("root"))
     for key, entry in plain["data"].items():
         held_out = [entry[k] for k in ("val_fraction", "test_fraction") if isinstance(entry, dict) and k in entry]
         if len(held_out) == 2 and sum(held_out) >= 1:

@@ -111,10 +111,3 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, channels: int = 1) -> torch.Tensor:
-    b, n, _ = patches.shape
-    side = int(round(n ** 0.5))
-    x = patches.reshape(b, side, side, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, side * patch, side * patch)

@@ -31,7 +31,7 @@ from torch import nn
 
 from bench.core.errors import UserError
 from bench.core.io import file_sha256
-from bench.modeling.towers import TextBatch
+from bench.data.batch import TextBatch
 
 OPEN_CLIP_PREFIX = "open_clip:"
 HF_HUB_PREFIX = "hf-hub:"

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from bench.core.errors import UserError
+from bench.data.batch import TextBatch
 from bench.modeling.entities import tag_entities, word_spans
-from bench.modeling.towers import TextBatch, Tokenizer
+from bench.modeling.towers import Tokenizer
 
 IGNORE = -100  # the label of a position that is not predicted (PyTorch's cross-entropy default)
 

@@ -1,63 +1,17 @@
 """The contract every method plugin fulfils; the trainer and the evaluators only speak to this."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from bench.experiment.config_checks import Check
-from bench.modeling.towers import TextBatch, Tokenizer
-
-
-@dataclass
-class Batch:
-    """One training batch (see bench/corpus.py). Rows with an image are in `images`, rows with text in `text`;
-    `image_text[i]` is the text row of image i, -1 when it has none (None: images and texts are aligned
-    pairs). `text_groups` marks texts that are the same caption (equal ids are positives for each other).
-    Masked modelling adds `masked_text`, the same rows with hidden pieces replaced by [MASK], and
-    `mlm_labels`, the hidden pieces' ids (-100 elsewhere); `mlm_rows` are the text rows MLM may mask (the
-    reports, not the prompts; None: every row), the only ones a method needs to encode masked. Fine-tuning batches carry `labels`, the task's
-    label vector per image."""
-
-    images: torch.Tensor | None
-    text: TextBatch | None
-    sample_ids: list[str] = field(default_factory=list)
-    image_text: torch.Tensor | None = None
-    text_groups: torch.Tensor | None = None
-    masked_text: TextBatch | None = None
-    mlm_labels: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    mlm_rows: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        def move(x):
-            return None if x is None else x.to(device, non_blocking=non_blocking)
-
-        return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
-                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels),
-                     move(self.mlm_rows))
-
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image rows, their text rows) of the samples that have both."""
-        if self.image_text is None:
-            rows = torch.arange(len(self.text), device=self.text.input_ids.device)
-            return rows, rows
-        has = self.image_text >= 0
-        return has.nonzero().squeeze(1), self.image_text[has]
-
-    def text_image(self) -> torch.Tensor:
-        """For each text row, its image row (-1: a text-only sample)."""
-        n = len(self.text)
-        out = torch.full((n,), -1, dtype=torch.long, device=self.text.input_ids.device)
-        images, texts = self.pairs()
-        out[texts] = images
-        return out
-
-    def __len__(self) -> int:
-        return len(self.sample_ids)
+from bench.core.checks import Check
+from bench.data.batch import Batch, TextBatch
+from bench.data.corpus import CorpusCollate
+from bench.modeling.towers import Tokenizer
 
 
 @dataclass
@@ -122,13 +76,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def prepare(self, corpus) -> None:
-        """Called once with the pretraining corpus (bench/corpus.py) before training starts; for what a method
+        """Called once with the pretraining corpus (bench/data/corpus.py) before training starts; for what a method
         derives from its data, such as an output vocabulary. Anything it sets must live in the state dict."""
 
     def make_collate(self):
-        """Corpus items -> Batch (bench/corpus.py); methods that mask text pass a TextMasker."""
-        from bench.data.corpus import CorpusCollate
-
+        """Corpus items -> Batch (bench/data/corpus.py); methods that mask text pass a TextMasker."""
         return CorpusCollate(self.tokenizer)
 
     def no_weight_decay(self) -> set[str]:

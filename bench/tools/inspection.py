@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from bench.core.errors import UserError
+from bench.core.registry import DATASETS
 from bench.data.adapter import Adapter
 from bench.data.images import ImageCache, usable
-from bench.datasets import get_adapter
 
 
 def summarise(adapter: Adapter, strict: bool = False, workers: int = 0) -> dict:
@@ -73,13 +73,11 @@ def throughput(paths: list[str], size: int, mean: float, std: float, cache_dir: 
 
 
 def default_settings(name: str, overrides: list[str]) -> dict:
-    """The dataset's entry in configs/data/default.yaml with `key=value` overrides applied."""
+    """The dataset's settings as its adapter declares them (`data.<name>`), with `key=value` overrides applied."""
     from omegaconf import OmegaConf
 
-    from bench.experiment.config import CONFIG_DIR
-
-    key = get_adapter(name).config_key or name
-    settings = OmegaConf.load(CONFIG_DIR / "data" / "default.yaml").get(key) or OmegaConf.create({})
+    owner = DATASETS.get(DATASETS.get(name).settings_key())
+    settings = OmegaConf.create({"root": None, **owner.defaults})
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"malformed setting {bad[0]!r}: expected key=value (e.g. uncertain_policy=ones)")

@@ -88,15 +88,15 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def _runs(path: Path, runs: object) -> tuple[tuple[str, str], ...]:
-    from bench.core.registry import method_names
+    from bench.core.registry import METHODS
 
     example = "e.g. runs: {mmclip: [none, no-attmim], clip: [none]}"
     if not isinstance(runs, dict) or not runs:
         raise UserError(f"{path}: runs must map each method to a list of its ablations, {example}")
     out = []
     for method, ablations in runs.items():
-        if method not in method_names():
-            raise UserError(f"{path}: unknown method {method!r} in runs; valid methods: {', '.join(method_names())}")
+        if method not in METHODS.names():
+            raise UserError(f"{path}: unknown method {method!r} in runs; valid methods: {', '.join(METHODS.names())}")
         if not isinstance(ablations, list) or not ablations or not all(isinstance(a, str) for a in ablations):
             raise UserError(f"{path}: runs.{method} must be a non-empty list of ablation names, {example}")
         twice = sorted({a for a in ablations if ablations.count(a) > 1})
@@ -141,9 +141,14 @@ def plan(suite: Suite, extra_overrides: Sequence[str] = (), results_dir: str | N
     """Every unit of the suite in run order: seed by seed, each run followed by its random-init baseline the
     first time that baseline appears. Pretraining runs are dealt to the workers in turn, and so are the
     baselines (apart, or one worker could get every cheap baseline and another every run)."""
-    from bench.core.registry import get_method
-    from bench.experiment.chain import Subject, evaluation_plan, random_init_subject
-    from bench.experiment.config import compose_config, pretrain_hash
+    from bench.core.registry import METHODS
+    from bench.experiment.config import compose_config
+    from bench.experiment.evaluating import (
+        Subject,
+        evaluation_plan,
+        random_init_subject,
+    )
+    from bench.experiment.identity import pretrain_hash
 
     overrides = [*suite.overrides, *suite.eval_overrides,
                  *check_overrides(list(extra_overrides), "the command line's overrides")]
@@ -164,7 +169,7 @@ def plan(suite: Suite, extra_overrides: Sequence[str] = (), results_dir: str | N
             cfg = copy.deepcopy(composed[method, ablation])
             cfg.seed = seed
             store = ResultsStore(cfg.results_dir)
-            joint = get_method(method).has_joint_space(cfg)
+            joint = METHODS.get(method).has_joint_space(cfg)
             phash = pretrain_hash(cfg)
             records = evaluation_plan(cfg, Subject(method, ablation, phash, seed, None, ""), joint)
             units.append(Unit(PRETRAIN, method, ablation, seed, cfg, tuple(records),
@@ -227,28 +232,16 @@ def render_plan(suite: Suite, units: list[Unit], store: ResultsStore, workers: i
     return "\n".join(lines)
 
 
-def run(suite: Suite, units: list[Unit], store: ResultsStore, worker: int = 1, workers: int = 1) -> dict:
+def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> dict:
     """Run this worker's units in order, each step skipped if finished; one line per unit, a summary at the
     end. A run that diverges is reported and the others go on; the command then fails."""
-    import torch
-
-    from bench.experiment.chain import (
-        build_method,
-        evaluate,
-        pretrain,
-        quiet_libraries,
-        random_init_subject,
-        subject_of_run,
-    )
-    from bench.train.trainer import resolve_device
+    from bench.experiment.chain import evaluate_model
+    from bench.experiment.setup import start
 
     mine = [u for u in units if u.worker == worker]
     who = f"worker {worker}/{workers}" if workers > 1 else "suite"
-    quiet_libraries()
-    runtime = units[0].cfg.runtime  # runtime overrides apply to the whole suite
-    if runtime.threads:
-        torch.set_num_threads(int(runtime.threads))
-    device = resolve_device(runtime.device)
+    # runtime and results_dir overrides apply to the whole suite
+    device, store = start(units[0].cfg.runtime, units[0].cfg.results_dir)
     provenance = {"suite": {"name": suite.name, "file": str(suite.path), "worker": f"{worker}/{workers}"}}
     counts = {"trained": 0, "resumed": 0, "written": 0, "skipped": 0, "finished": 0}
     diverged: list[str] = []
@@ -261,29 +254,21 @@ def run(suite: Suite, units: list[Unit], store: ResultsStore, worker: int = 1, w
             counts["finished"] += 1
             print(f"{head}: finished already", flush=True)
             continue
-        t0 = time.perf_counter()
         try:
-            if unit.kind == PRETRAIN:
-                model, final = pretrain(unit.cfg, store, device)
-                subject = subject_of_run(unit.cfg, final)
-            else:
-                model, subject = build_method(unit.cfg, unit.seed).to(device), random_init_subject(unit.cfg)
+            _, summary = evaluate_model(unit.cfg, store, device, unit.kind == BASELINE, provenance=provenance)
         except TrainingDiverged as exc:
             diverged.append(f"{unit.label}: {exc}")
             print(f"{head}: training stopped: {exc}", flush=True)
             continue
-        t1 = time.perf_counter()
-        summary = evaluate(unit.cfg, model, subject, store, device, provenance=provenance)
-        t2 = time.perf_counter()
         missing = records_left(unit, store)
         if missing:  # the plan and the evaluation disagree: "finished" would be a lie
             raise RuntimeError(f"{unit.label}: evaluation left planned records unwritten, e.g. {missing[0]}")
         trained = {"to do": "trained", "partial": "resumed"}.get(state)
         if trained:
             counts[trained] += 1
-        step = f"{trained} in {t1 - t0:.1f} s, " if trained else ""
+        step = f"{trained} in {summary['pretrain_s']:.1f} s, " if trained else ""
         counts["written"] += len(summary["written"])
-        print(f"{head}: {step}{len(summary['written'])} record(s) written in {t2 - t1:.1f} s "
+        print(f"{head}: {step}{len(summary['written'])} record(s) written in {summary['evaluate_s']:.1f} s "
               f"({len(unit.records) - len(left)} already there)", flush=True)
     elapsed = time.perf_counter() - started
     if counts["finished"] == len(mine):
@@ -301,9 +286,7 @@ def main(args: argparse.Namespace) -> None:
     worker, workers = parse_worker(args.worker)
     suite = load_suite(args.suite)
     units = plan(suite, args.overrides, args.results_dir, workers)
-    store = ResultsStore(units[0].cfg.results_dir)
     if args.dry_run:
-        print(render_plan(suite, units, store, workers))
+        print(render_plan(suite, units, ResultsStore(units[0].cfg.results_dir), workers))
         return
-    store.check_writable()
-    run(suite, units, store, worker, workers)
+    run(suite, units, worker, workers)

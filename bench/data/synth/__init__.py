@@ -1,7 +1,10 @@
 """The built-in synthetic benchmark: procedural chest radiographs with matching reports, written in the
-real on-disk formats so the real dataset adapters read them."""
+real on-disk formats so the real dataset adapters read them. Which datasets it holds, in which folders, how
+many items and by which writer, each adapter declares (`Adapter.synthetic`); a dataset registered after a
+benchmark was generated is added to it on first use."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -9,23 +12,29 @@ import tempfile
 from pathlib import Path
 
 from bench.core.errors import UserError
+from bench.core.io import atomic_write_text
 
 GENERATOR_VERSION = 5
-# dataset -> (folder named as the real download names it, size -> item count)
-DATASETS = {
-    "mimic-cxr": ("mimic-cxr-jpg", {"tiny": 96, "small": 2000, "medium": 12000}),  # studies
-    "chexpert": ("CheXpert-v1.0-small", {"tiny": 48, "small": 2000, "medium": 10000}),  # training patients
-    "rsna": ("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 1500, "medium": 6000}),  # patients
-    "siim": ("siim-acr-pneumothorax", {"tiny": 80, "small": 1500, "medium": 6000}),  # images
-    "covidx": ("COVIDx", {"tiny": 90, "small": 900, "medium": 4000}),  # patients, a quarter with two images
-    "nih": ("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000}),  # patients, one to three images each
-}
 SIZES = ("tiny", "small", "medium")
 MARKER = "synthetic.json"
 
 
+def synthetic_adapters() -> list:
+    """The adapters with a synthetic copy (their `synthetic` declaration), by name; a variant that reads
+    another adapter's files (`config_key`) has that adapter's copy."""
+    from bench.core.registry import DATASETS
+
+    return [cls for cls in DATASETS.classes() if cls.synthetic is not None and not cls.config_key]
+
+
 def dataset_dir(name: str) -> str:
-    return DATASETS[name][0]
+    """The folder of dataset `name`'s synthetic copy (a variant's: the dataset whose files it reads)."""
+    from bench.core.registry import DATASETS
+
+    owner = DATASETS.get(DATASETS.get(name).settings_key())
+    if owner.synthetic is None:
+        raise UserError(f"dataset {name!r} has no synthetic copy: set data.{owner.name}.root to its files")
+    return owner.synthetic.folder
 
 
 def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = None) -> Path:
@@ -36,24 +45,29 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     """
     if size not in SIZES:
         raise UserError(f"unknown synthetic size {size!r}; valid sizes: {', '.join(SIZES)}")
+    adapters = synthetic_adapters()
     params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed,
-              "counts": {name: counts[size] for name, (_, counts) in DATASETS.items()}}
+              "counts": {cls.name: cls.synthetic.counts[size] for cls in adapters}}
     marker = root / MARKER
+    workers = workers or min(4, os.cpu_count() or 1)
     if marker.exists():
         found = json.loads(marker.read_text())
-        if found != params:
+        counts = found.get("counts", {})
+        same = {k: v for k, v in found.items() if k != "counts"} == {k: v for k, v in params.items() if k != "counts"}
+        if not same or any(counts.get(name, n) != n for name, n in params["counts"].items()):
             raise UserError(f"{root} holds a synthetic benchmark made with {found}, not {params}; "
                             f"choose another data.synthetic.root or delete it")
+        for cls in adapters:  # a dataset registered since: its copy joins the benchmark, the others stay as they are
+            if cls.name not in counts:
+                _add_dataset(root, cls, size, seed, workers)
         return root
     if root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another data.synthetic.root")
-    writers = _writers()
-    workers = workers or min(4, os.cpu_count() or 1)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        for name, (folder, counts) in DATASETS.items():
-            writers[name](staging / folder, counts[size], seed, workers)
+        for cls in adapters:
+            _write(cls, staging / cls.synthetic.folder, size, seed, workers)
         (staging / MARKER).write_text(json.dumps(params))
         if root.exists():
             root.rmdir()
@@ -66,10 +80,26 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     return root
 
 
-def _writers() -> dict:
-    from bench.data.synth.dicom_writers import write_rsna, write_siim
-    from bench.data.synth.png_writers import write_covidx, write_nih
-    from bench.data.synth.writers import write_chexpert, write_mimic_cxr_jpg
+def _write(adapter, folder: Path, size: str, seed: int, workers: int) -> None:
+    module, _, function = adapter.synthetic.writer.partition(":")
+    write = getattr(importlib.import_module(module), function)
+    write(folder, adapter.synthetic.counts[size], seed, workers)
 
-    return {"mimic-cxr": write_mimic_cxr_jpg, "chexpert": write_chexpert, "rsna": write_rsna, "siim": write_siim,
-            "covidx": write_covidx, "nih": write_nih}
+
+def _add_dataset(root: Path, adapter, size: str, seed: int, workers: int) -> None:
+    """Write one more dataset's copy into an existing benchmark (staged, then renamed into place) and record
+    it in the marker."""
+    target = root / adapter.synthetic.folder
+    if not target.exists():
+        staging = Path(tempfile.mkdtemp(prefix=f".{adapter.synthetic.folder}-", dir=root))
+        try:
+            _write(adapter, staging / "copy", size, seed, workers)
+            os.replace(staging / "copy", target)
+        except OSError:
+            if not target.exists():  # not another process that finished first
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    found = json.loads((root / MARKER).read_text())
+    found["counts"][adapter.name] = adapter.synthetic.counts[size]
+    atomic_write_text(root / MARKER, json.dumps(found))

@@ -18,10 +18,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy import ndimage
 
+from bench.data.masks import rle_encode
 from bench.data.synth.drawing import draw_frontal
 from bench.data.synth.findings import Finding, Patient, sample_patient
 from bench.data.synth.writers import _rng, _write_csv
-from bench.datasets.siim import rle_encode
 
 SIZE = 160  # both sets are square (1024 px); small here so a tiny benchmark generates in seconds
 UID_ROOT = "1.2.276.0.7230010.3.1"  # the anonymiser's root: .2 study, .3 series, .4 instance

@@ -6,116 +6,72 @@ improvement. Decision thresholds come from the selected weights' validation scor
 once, at the end. A killed fine-tuning run resumes from its last epoch (the trainer's checkpoint)."""
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
 
+from bench.core.checks import integer, number, one_of
 from bench.core.errors import UserError
-from bench.core.io import atomic_torch_save
-from bench.data.corpus import MixedBatchSampler
-from bench.data.image_datasets import LabelledImageDataset, collate_labelled
-from bench.evaluation.features import image_outputs
-from bench.evaluation.metrics import task_metrics
-from bench.evaluation.protocols.linear_probe import train_subset
-from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
-from bench.modeling.method import StepOutput
-from bench.train import distributed
-from bench.train.speed import Speed
-from bench.train.trainer import CHECKPOINT, Trainer, seed_everything
+from bench.core.registry import register_protocol
+from bench.evaluation.protocol import EvalContext, Protocol
+
+if TYPE_CHECKING:
+    from bench.evaluation.result import ProtocolResult
+    from bench.modeling.fine_tune_model import FineTuneModel
 
 BEST = "best.pt"
 
 
-class FineTuneModel(nn.Module):
-    """A copy of a model's image encoder (the modules `encode_image` uses; the rest is frozen) and a linear
-    head. Speaks the trainer's side of the Method contract: as for a Method, calling it is the training step
-    (DDP hooks into `forward`); `logits` and `predict` map images to outputs."""
+@register_protocol("fine-tune")
+class FineTune(Protocol):
+    order = 2
+    fits_labels = True
+    defaults = {
+        "epochs": 3,  # CPU-friendly for the synthetic benchmark; real studies use more (BenchX: up to 50)
+        "batch_size": 32,
+        "lr": 1.0e-3,  # the head's; the encoder trains at lr x encoder_lr_multiplier
+        "encoder_lr_multiplier": 0.1,  # BenchX's lr_multiplier_ve
+        "weight_decay": 0.01,
+        "warmup_epochs": 1,
+        "patience": 2,  # epochs without a better val metric before stopping; null = run every epoch
+        "augment": True,
+        "precision": "auto",  # auto: bf16 autocast on CUDA
+        "keep_weights": False,  # the fine-tuned weights are deleted once the record is written
+    }
+    setting_checks = {"epochs": integer(1), "batch_size": integer(1), "lr": number(0, low_open=True),
+                      "encoder_lr_multiplier": number(0), "weight_decay": number(0), "warmup_epochs": number(0),
+                      "patience": integer(1, null=True), "precision": one_of(("auto", "bf16", "fp32"))}
 
-    def __init__(self, method: nn.Module, n_classes: int, multiclass: bool, encoder_lr_multiplier: float,
-                 probe: torch.Tensor):
-        super().__init__()
-        self.encoder = copy.deepcopy(method)
-        trainable = tuple(method.image_modules())
-        for name, p in self.encoder.named_parameters():
-            p.requires_grad_(name.startswith(trainable))
-        self.encoder.eval()
-        with torch.no_grad():
-            width = self.encoder.encode_image(probe).shape[-1]
-        self.head = nn.Linear(width, n_classes)
-        self.multiclass, self.multiplier = multiclass, float(encoder_lr_multiplier)
+    @classmethod
+    def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> ProtocolResult:
+        return fine_tune(ctx, fraction, seed, folder)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.encode_image(images))
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(images).float()
-        return logits.softmax(-1) if self.multiclass else logits.sigmoid()
-
-    def forward(self, batch) -> StepOutput:
-        return self.training_step(batch)
-
-    def training_step(self, batch) -> StepOutput:
-        logits = self.logits(batch.images).float()
-        if self.multiclass:
-            loss = F.cross_entropy(logits, batch.labels.argmax(1))
-            return StepOutput(loss, {"ce": loss.detach()})
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        return StepOutput(loss, {"bce": loss.detach()})
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    def lr_multipliers(self) -> dict[str, float]:
-        return {"encoder.": self.multiplier}
+    @classmethod
+    def remove_outputs(cls, cfg: DictConfig, folder: Path) -> None:
+        if not cfg.eval.fine_tune.keep_weights:
+            remove_weights(folder)
 
 
-class EarlyStopping:
-    """After each epoch: the validation metric; the best epoch's weights saved to `best.pt`; `stop` once
-    `patience` epochs in a row did not improve on the best (patience null: never stop early). Under torchrun
-    every rank scores the model and follows rank 0's score (GPU kernels may differ in the last bit), and
-    only rank 0 writes the weights."""
+def fine_tune(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
+    import torch
 
-    def __init__(self, score, patience: int | None, best_path: Path):
-        self.score, self.patience, self.best_path = score, patience, best_path
-        self.stop, self.best, self.best_epoch, self.bad, self.history = False, -math.inf, 0, 0, []
+    from bench.data.corpus import MixedBatchSampler
+    from bench.data.image_datasets import LabelledImageDataset, collate_labelled
+    from bench.evaluation.features import image_outputs
+    from bench.evaluation.metrics import task_metrics
+    from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
+    from bench.modeling.fine_tune_model import FineTuneModel
+    from bench.train import distributed
+    from bench.train.early_stopping import EarlyStopping
+    from bench.train.speed import Speed
+    from bench.train.trainer import CHECKPOINT, Trainer, seed_everything
 
-    def __call__(self, model: FineTuneModel, epoch: int) -> None:
-        value = distributed.agree(float(self.score(model)))
-        self.history.append(round(value, 6))
-        if not math.isnan(value) and value > self.best:
-            self.best, self.best_epoch, self.bad = value, epoch + 1, 0
-            self._keep(model)
-        elif self.best_epoch == 0:  # a metric undefined from the start: keep the first epoch's weights
-            self.best_epoch = epoch + 1
-            self._keep(model)
-        else:
-            self.bad += 1
-        self.stop = self.patience is not None and self.bad >= self.patience
-
-    def _keep(self, model: nn.Module) -> None:
-        if distributed.is_main():
-            atomic_torch_save(self.best_path, model.state_dict())
-
-    def state_dict(self) -> dict:
-        return {"stop": self.stop, "best": self.best, "best_epoch": self.best_epoch, "bad": self.bad,
-                "history": list(self.history)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stop, self.best, self.best_epoch = state["stop"], state["best"], state["best_epoch"]
-        self.bad, self.history = state["bad"], list(state["history"])
-
-
-def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
     ft, task, data = ctx.cfg.eval.fine_tune, ctx.data.task, ctx.data
     report = ctx.report_split
-    parts = {"train": train_subset(ctx, fraction, seed), "val": data.rows("val"), report: data.rows(report)}
+    parts = {"train": ctx.train_rows(fraction, seed), "val": data.rows("val"), report: data.rows(report)}
     y = split_labels(task, parts, "fine-tune", data.name)
     multiclass = task.kind == "multi-class"
     started = time.perf_counter()
@@ -164,6 +120,8 @@ def fine_tune(ctx, fraction: float, seed: int, run_dir: Path) -> ProtocolResult:
 
 def remove_weights(run_dir: Path) -> None:
     """Fine-tuned weights are large and the record keeps what they gave; only the logs stay."""
+    from bench.train.trainer import CHECKPOINT
+
     for name in (CHECKPOINT, BEST, "final.pt"):
         (run_dir / name).unlink(missing_ok=True)
 

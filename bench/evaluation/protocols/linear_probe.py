@@ -7,19 +7,42 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
-
+from bench.core.checks import integer, list_of, number
 from bench.core.errors import UserError
-from bench.evaluation.metrics import task_metrics
-from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
+from bench.core.lazy import lazy_module
+from bench.core.registry import register_protocol
+from bench.evaluation.protocol import EvalContext, Protocol
+
+if TYPE_CHECKING:
+    from bench.evaluation.result import ProtocolResult
+
+np = lazy_module("numpy")
+
+
+@register_protocol("linear-probe")
+class LinearProbe(Protocol):
+    order = 1
+    frozen = True
+    fits_labels = True
+    defaults = {
+        "c_grid": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0],  # logistic-regression C, chosen on the val split
+        "max_iter": 2000,
+    }
+    setting_checks = {"c_grid": list_of(number(0, low_open=True), nonempty=True), "max_iter": integer(1)}
+
+    @classmethod
+    def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> ProtocolResult:
+        return linear_probe(ctx, fraction, seed)
 
 
 def _fit_predict(x_train, y_train, x_evals: list[np.ndarray], c: float, max_iter: int, seed: int,
                  multiclass: bool) -> list[np.ndarray]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     def fit(y: np.ndarray) -> LogisticRegression:
         clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings():
@@ -43,19 +66,17 @@ def _fit_predict(x_train, y_train, x_evals: list[np.ndarray], c: float, max_iter
     return outs
 
 
-def train_subset(ctx, fraction: float, seed: int):
-    """The train rows of a label fraction: the frozen shared list, or the seed's own with
-    `eval.fraction_subsets: per-seed`."""
-    per_seed = ctx.cfg.eval.fraction_subsets == "per-seed"
-    return ctx.data.rows("train", fraction, seed if per_seed and fraction < 1 else None)
+def linear_probe(ctx: EvalContext, fraction: float, seed: int) -> ProtocolResult:
+    from sklearn.preprocessing import StandardScaler
 
+    from bench.evaluation.metrics import task_metrics
+    from bench.evaluation.result import ProtocolResult, split_labels, val_thresholds
 
-def linear_probe(ctx, fraction: float, seed: int) -> ProtocolResult:
     lp, task, data = ctx.cfg.eval.linear_probe, ctx.data.task, ctx.data
     parts, feats, report = {}, {}, ctx.report_split
     for split in dict.fromkeys(("train", "val", report)):
         parts[split], feats[split] = ctx.features.get(ctx.method, data, split)
-    subset = train_subset(ctx, fraction, seed)
+    subset = ctx.train_rows(fraction, seed)
     index = {sid: i for i, sid in enumerate(parts["train"]["sample_id"])}
     missing = [sid for sid in subset["sample_id"] if sid not in index]
     if missing:

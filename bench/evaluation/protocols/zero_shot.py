@@ -1,4 +1,4 @@
-"""Zero-shot classification: class prompts from named prompt sets (bench/prompt_sets/), embedded by the text
+"""Zero-shot classification: class prompts from named prompt sets (bench/evaluation/prompt_sets/), embedded by the text
 tower and scored against the images' joint-space embeddings.
 
 A class's prompts become one score per image by `aggregate`: `embedding` (the renormalised mean of the
@@ -12,13 +12,53 @@ Every configured prompt set is scored; the first one gives the record's metrics,
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from bench.core.checks import list_of, one_of
 from bench.core.errors import UserError
-from bench.evaluation.metrics import task_metrics
-from bench.evaluation.prompt_sets import ClassPrompts, get_prompt_set
-from bench.evaluation.result import ProtocolResult, val_thresholds
+from bench.core.lazy import lazy_module
+from bench.core.registry import register_protocol
+from bench.evaluation.protocol import EvalContext, Protocol
+
+if TYPE_CHECKING:
+    from bench.evaluation.prompt_sets import ClassPrompts
+    from bench.evaluation.result import ProtocolResult
+
+np = lazy_module("numpy")
+torch = lazy_module("torch")
+
+
+def prompt_set(key: str, v: Any) -> str | None:
+    from bench.evaluation.prompt_sets import get_prompt_set
+
+    if not isinstance(v, str):
+        return "a prompt set name (see `bench list`) or the path of a prompt set file"
+    get_prompt_set(v)  # an unknown name or a broken file is its own one-line error
+    return None
+
+
+@register_protocol("zero-shot")
+class ZeroShot(Protocol):
+    order = 0
+    frozen = True
+    needs_joint_space = True
+    defaults = {
+        # bench/evaluation/prompt_sets/; the first gives the record's metrics, the spread covers all
+        "prompt_sets": ["chexzero", "class-names", "gloria", "medklip", "synthetic-reports"],
+        # embedding: renormalised mean of a class's prompt embeddings (CLIP, CheXzero); mean | max of per-prompt
+        # similarities (MedCLIP)
+        "aggregate": "embedding",
+        # binary/multi-label: pos-neg softmax of "<finding>" vs its negative prompts (CheXzero), or cosine;
+        # multi-class tasks always softmax across classes
+        "mode": "pos-neg",
+    }
+    setting_checks = {"prompt_sets": list_of(prompt_set, nonempty=True, distinct=True),
+                      "aggregate": one_of(("embedding", "mean", "max")), "mode": one_of(("pos-neg", "cosine"))}
+
+    @classmethod
+    def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> ProtocolResult:
+        return zero_shot(ctx)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -26,10 +66,10 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
 
 
-@torch.no_grad()
 def _embed_texts(method, texts: list[str], device: torch.device, chunk: int = 256) -> np.ndarray:
-    out = [method.embed_text(method.tokenizer(texts[i:i + chunk]).to(device)).float().cpu().numpy()
-           for i in range(0, len(texts), chunk)]
+    with torch.no_grad():
+        out = [method.embed_text(method.tokenizer(texts[i:i + chunk]).to(device)).float().cpu().numpy()
+               for i in range(0, len(texts), chunk)]
     return np.concatenate(out)
 
 
@@ -67,14 +107,18 @@ def _spread(per_set: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return out
 
 
-@torch.no_grad()
 def _joint_embeddings(method, features: np.ndarray, device: torch.device, chunk: int = 4096) -> np.ndarray:
-    out = [method.project_image(torch.from_numpy(features[i:i + chunk]).to(device)).float().cpu().numpy()
-           for i in range(0, len(features), chunk)]
+    with torch.no_grad():
+        out = [method.project_image(torch.from_numpy(features[i:i + chunk]).to(device)).float().cpu().numpy()
+               for i in range(0, len(features), chunk)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def zero_shot(ctx) -> ProtocolResult:
+def zero_shot(ctx: EvalContext) -> ProtocolResult:
+    from bench.evaluation.metrics import task_metrics
+    from bench.evaluation.prompt_sets import get_prompt_set
+    from bench.evaluation.result import ProtocolResult, val_thresholds
+
     zs, task, method = ctx.cfg.eval.zero_shot, ctx.data.task, ctx.method
     sets = [get_prompt_set(str(name)) for name in zs.prompt_sets]
     prompts = {s.id: s.for_task(ctx.data.name, task.labels) for s in sets}  # every set checked before any work

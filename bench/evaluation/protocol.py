@@ -1,0 +1,104 @@
+"""What an evaluation protocol is, and how one runs.
+
+A protocol is a plug-in: one module in bench/evaluation/protocols/ (or a third party's, named by a
+`medvlp_bench.protocols` entry point) with a `Protocol` subclass registered by `@register_protocol(name)`. It
+declares what the rest of the harness needs to know without running it (which jobs the evaluation settings
+make, whether it reads frozen features, whether it needs a joint image-text space, its settings under
+`eval.<section>` and their checks) and one `run`. The experiment chain, sweeps, the config and the tables
+read everything else from the registry (`bench.core.registry.PROTOCOLS`).
+
+A protocol computes its numbers on the dataset's test split, fits what it fits on train and chooses what
+it chooses on val. A sweep sets the context's `report_split` to `val`: the protocol then reports on the
+split it chooses on (the best validation value over its choices, the usual tuning objective) and never
+touches test.
+
+Listing the protocols imports their modules, so a protocol module imports torch, scikit-learn and the
+harness's heavy parts inside `run`, never at the top: naming the protocols (`bench list`, config checks,
+tables) stays instant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bench.core.checks import Check
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from omegaconf import DictConfig
+
+    from bench.data.loading import LoadedDataset
+    from bench.evaluation.features import FeatureCache
+    from bench.evaluation.result import ProtocolResult
+
+
+@dataclass
+class EvalContext:
+    """What one evaluation reads: the model (a `Method`, or an external CLIP with the same encoders), one
+    loaded dataset, the composed config, the device, the model's feature cache, and the split to report on."""
+
+    method: torch.nn.Module
+    data: LoadedDataset
+    cfg: DictConfig
+    device: torch.device
+    features: FeatureCache
+    num_workers: int = 0
+    report_split: str = "test"
+
+    def train_rows(self, fraction: float, seed: int) -> pd.DataFrame:
+        """The train rows of a label fraction: the frozen shared list, or the evaluation seed's own with
+        `eval.fraction_subsets: per-seed`."""
+        per_seed = self.cfg.eval.fraction_subsets == "per-seed"
+        return self.data.rows("train", fraction, seed if per_seed and fraction < 1 else None)
+
+
+class Protocol:
+    """Base class of an evaluation protocol (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100  # where its columns go in tables, and its place in listings
+    frozen: ClassVar[bool] = False  # reads the encoder's cached features and changes no weight
+    fits_labels: ClassVar[bool] = False  # one record per label fraction x evaluation seed; else one per dataset
+    needs_joint_space: ClassVar[bool] = False  # only for models that embed images and texts in one space
+    defaults: ClassVar[dict[str, Any]] = {}  # its settings, as the config holds them under eval.<section>
+    setting_checks: ClassVar[dict[str, Check]] = {}  # valid values of those settings (key within the section)
+
+    @classmethod
+    def section(cls) -> str:
+        """Its settings' key in `eval` (the name with `_` for `-`)."""
+        return cls.name.replace("-", "_")
+
+    @classmethod
+    def jobs(cls, eval_cfg: DictConfig) -> list[tuple[float, int]]:
+        """(label fraction, evaluation seed) of every record it makes for one model and dataset. A protocol
+        that fits no labels draws nothing, so it is one record whatever eval.seeds holds and however the
+        seeds are split over processes, and that record's eval seed is always 0."""
+        if not cls.fits_labels:
+            return [(1.0, 0)]
+        return [(float(f), int(s)) for f in eval_cfg.fractions for s in eval_cfg.seeds]
+
+    @classmethod
+    def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> ProtocolResult:
+        """One evaluation. `folder` is this record's own folder, for a protocol that keeps state (fine-tuning
+        resumes from its checkpoint there); it is created only by a protocol that writes to it."""
+        raise NotImplementedError
+
+    @classmethod
+    def remove_outputs(cls, cfg: DictConfig, folder: Path) -> None:
+        """After the record is written: remove what `run` left in `folder` that its settings do not keep."""
+
+
+def run_protocol(ctx: EvalContext, protocol: str, fraction: float, seed: int, folder: Path) -> ProtocolResult:
+    """One evaluation of `ctx.method`, in eval mode whatever mode it came in (and is left in): what a protocol
+    computes must not depend on whether its features were cached, which is where eval mode used to be set."""
+    from bench.core.registry import PROTOCOLS
+
+    chosen = PROTOCOLS.get(protocol)
+    was_training = ctx.method.training
+    ctx.method.eval()
+    try:
+        return chosen.run(ctx, fraction, seed, folder)
+    finally:
+        ctx.method.train(was_training)

@@ -1,0 +1,145 @@
+"""Evaluating one model: the plan of its records (every configured dataset x protocol x label fraction x
+evaluation seed), each written once with its provenance, finished ones skipped, and two processes given the
+same record computing it once."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from bench.core.hashing import stable_hash, to_plain
+from bench.core.io import file_sha256, remove_stale_temporaries
+from bench.core.provenance import device_info, git_state, library_versions
+from bench.core.registry import PROTOCOLS
+from bench.core.results import RANDOM_INIT, RecordKey, ResultsStore
+from bench.data.loading import LoadedDataset, load_dataset
+from bench.evaluation.features import FeatureCache
+from bench.evaluation.protocol import EvalContext, run_protocol
+from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
+from bench.train import distributed
+from bench.train.speed import loader_workers
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is evaluated: the record identity of a model and where its weights came from."""
+
+    method: str
+    ablation: str
+    pretrain_hash: str
+    pretrain_seed: int
+    checkpoint: dict | None  # {"path", "sha256"} of our weights, an external model's identity, None if untrained
+    feature_key: str  # names its folder of cached features: the weights' hash, or the untrained model's
+
+
+def evaluation_protocols(cfg: DictConfig, joint_space: bool) -> list[str]:
+    """The configured protocols this model can be evaluated with (some need a joint image-text space)."""
+    return [p for p in cfg.eval.protocols if joint_space or not PROTOCOLS.get(p).needs_joint_space]
+
+
+def evaluation_plan(cfg: DictConfig, subject: Subject, joint_space: bool) -> list[RecordKey]:
+    """The record of every configured dataset x protocol x fraction x seed of one model, in the order they run;
+    known without the model's weights, so a plan can count what is left before anything is trained."""
+    keys = []
+    for dataset in cfg.eval.datasets:
+        for protocol in evaluation_protocols(cfg, joint_space):
+            for fraction, seed in PROTOCOLS.get(protocol).jobs(cfg.eval):
+                keys.append(RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
+                                      dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset)))
+    return keys
+
+
+def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: ResultsStore, device: torch.device,
+             force: bool = False, provenance: dict | None = None) -> dict:
+    """Every configured dataset x protocol x fraction x seed for one model; finished records are skipped
+    unless `force`. `provenance` is added to every record (e.g. the sweep a model came from). Returns the
+    written record paths and where the time went.
+
+    Under torchrun every rank evaluates (fine-tuning trains one DDP model) and rank 0 writes the records."""
+    distributed.init_from_env()
+    skipped = [p for p in cfg.eval.protocols if p not in evaluation_protocols(cfg, method.joint_space)]
+    if skipped:
+        print(f"bench: {subject.method} has no joint image-text space; {', '.join(skipped)} "
+              f"{'is' if len(skipped) == 1 else 'are'} not evaluated", file=sys.stderr)
+    workers = loader_workers(cfg.runtime.num_workers, device)
+    features = FeatureCache(store.root / "features" / subject.feature_key if cfg.eval.cache_features else None,
+                            int(cfg.eval.batch_size), device, workers)
+    written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
+    loaded: dict[str, LoadedDataset] = {}
+    for key in evaluation_plan(cfg, subject, method.joint_space):
+        if distributed.agree(store.exists(key, report=distributed.is_main())) and not force:
+            continue
+        # another process given the same work may be doing this record: wait for it and use its record
+        with distributed.holding(store.claim(key)):
+            if distributed.agree(store.exists(key, report=False)) and not force:
+                continue
+            path, spent = _evaluate_one(cfg, method, subject, key, store, loaded, features, device, workers,
+                                        provenance)
+        if path is not None:
+            written.append(path)
+        for k, v in spent.items():
+            timing[k] = timing.get(k, 0.0) + v
+    return {"written": written, "timing": timing, "encoder_passes": dict(features.encoded)}
+
+
+def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, key: RecordKey, store: ResultsStore,
+                  loaded: dict[str, LoadedDataset], features: FeatureCache, device: torch.device, workers: int,
+                  provenance: dict | None) -> tuple[Path | None, dict[str, float]]:
+    """One record: (its path, None on ranks other than 0; where the time went)."""
+    if key.dataset not in loaded:
+        with distributed.main_first():
+            loaded[key.dataset] = load_dataset(cfg, key.dataset)
+    data = loaded[key.dataset]
+    data.splits.used.clear()
+    data.skipped.clear()
+    started, encoded = time.perf_counter(), features.seconds
+    ctx = EvalContext(method, data, cfg, device, features, workers)
+    # a protocol that keeps state (fine-tuning's checkpoints) keeps it here, and resumes from it after a kill
+    folder = store.root / "finetune" / key.method / key.stem
+    if distributed.is_main() and folder.exists():
+        remove_stale_temporaries(folder, locked=True)
+    result = run_protocol(ctx, key.protocol, key.fraction, key.eval_seed, folder)
+    boot_started = time.perf_counter()
+    numbers = result.numbers(cfg.eval.bootstrap)
+    spent = {"encode_s": features.seconds - encoded, **result.timing,
+             "bootstrap_s": time.perf_counter() - boot_started, "total_s": time.perf_counter() - started}
+    task = data.task
+    record = {
+        **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
+        "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
+        "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
+                   "unreadable_skipped": dict(data.skipped)},
+        "git": git_state(), "libraries": library_versions(), "device": device_info(device),
+        "wall_time_s": round(spent["total_s"], 3), "timing": {k: round(v, 3) for k, v in spent.items()},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {}),
+    }
+    path = store.write(key, record, result.predictions()) if distributed.is_main() else None
+    distributed.barrier()  # every rank is done with what the protocol left in its folder before it goes
+    if distributed.is_main():
+        PROTOCOLS.get(key.protocol).remove_outputs(cfg, folder)
+    return path, spent
+
+
+def subject_of_run(cfg: DictConfig, checkpoint: Path) -> Subject:
+    digest = file_sha256(checkpoint)
+    return Subject(cfg.method.name, cfg.ablation, pretrain_hash(cfg), int(cfg.seed),
+                   {"path": str(checkpoint), "sha256": digest}, digest[:16])
+
+
+def random_init_subject(cfg: DictConfig) -> Subject:
+    """The pretrained model's exact starting point: same architecture, same seed, no training."""
+    arch = stable_hash({"method": to_plain(cfg.method), "model": to_plain(cfg.model)})
+    return Subject(RANDOM_INIT, cfg.method.name, arch, int(cfg.seed), None, f"random-init-{arch[:12]}-s{cfg.seed}")
+
+
+def report_timing(subject: Subject, summary: dict) -> None:
+    t = summary["timing"]
+    if summary["written"]:
+        print(f"bench: {subject.method} {subject.ablation}: {len(summary['written'])} record(s) in {t['total_s']:.1f} s "
+              f"(encoding {t['encode_s']:.1f}, linear fits {t['fit_s']:.1f}, fine-tuning {t['fine_tune_s']:.1f}, "
+              f"bootstrap {t['bootstrap_s']:.1f})", file=sys.stderr)
