@@ -15,7 +15,7 @@ Splits (documented rule):
 Frontal views only by default (`frontal_only`). Uncertain labels (-1) follow `uncertain_policy`: `zeros`
 (U-Zeros), `ones` (U-Ones) or `gloria` (GLoRIA/MGCA per-class mapping, the default). Blank (not mentioned)
 counts as negative under each of these; `keep` leaves 1/0/-1 and blank as NaN, for the prompts of image-only
-pretraining samples (bench/prompts.py), never for evaluation.
+pretraining samples (bench/modeling/label_prompts.py), never for evaluation.
 """
 from __future__ import annotations
 
@@ -25,18 +25,8 @@ from bench.core.checks import integer, one_of
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (
-    Adapter,
-    Synthetic,
-    Task,
-    count_uncertain,
-    finding_task,
-    fraction_setting,
-    label_values,
-    patient_fold,
-    read_csv,
-    require_columns,
-)
+from bench.data.adapter import (Adapter, Synthetic, Task, count_uncertain, finding_task, fraction_setting, label_values,
+                                patient_fold, read_csv, require_columns)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

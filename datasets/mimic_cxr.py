@@ -20,15 +20,8 @@ from bench.core.checks import list_of, one_of, text
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (
-    Adapter,
-    Synthetic,
-    count_uncertain,
-    finding_task,
-    label_values,
-    read_csv,
-    require_columns,
-)
+from bench.data.adapter import (Adapter, Synthetic, count_uncertain, finding_task, label_values, read_csv,
+                                require_columns)
 from bench.datasets.chexpert import POLICIES, apply_uncertain_policy
 
 pd = lazy_module("pandas")

@@ -20,16 +20,8 @@ from pathlib import Path
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (
-    Adapter,
-    Synthetic,
-    finding_task,
-    fraction_setting,
-    hash_split,
-    patient_fold,
-    read_csv,
-    require_columns,
-)
+from bench.data.adapter import (Adapter, Synthetic, finding_task, fraction_setting, hash_split, patient_fold, read_csv,
+                                require_columns)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -78,7 +70,7 @@ def read_list(path: Path) -> dict[str, int]:
 class Nih(Adapter):
     name = "nih"
     description = "NIH ChestX-ray14: 14 findings from report NLP, multi-label AUROC"
-    task = finding_task(LABELS, "auc")  # zero-shot names ("lung mass", ...): bench/prompt_sets/*.yaml
+    task = finding_task(LABELS, "auc")  # zero-shot names ("lung mass", ...): bench/evaluation/prompt_sets/*.yaml
     defaults = {  # root: .../ChestX-ray14 (Data_Entry_2017*.csv, images_0NN/images/)
         "metadata": None,  # null = Data_Entry_2017_v2020.csv, else Data_Entry_2017.csv
         "val_fraction": 0.1,

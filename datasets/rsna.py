@@ -13,16 +13,8 @@ from __future__ import annotations
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (
-    Adapter,
-    Synthetic,
-    finding_task,
-    fraction_setting,
-    hash_split,
-    label_values,
-    read_csv,
-    require_columns,
-)
+from bench.data.adapter import (Adapter, Synthetic, finding_task, fraction_setting, hash_split, label_values, read_csv,
+                                require_columns)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

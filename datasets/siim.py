@@ -19,16 +19,8 @@ from pathlib import Path
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (
-    Adapter,
-    Synthetic,
-    finding_task,
-    fraction_setting,
-    hash_split,
-    read_csv,
-    require_columns,
-)
-from bench.data.masks import RLE_PATTERN
+from bench.data.adapter import Adapter, Synthetic, finding_task, fraction_setting, hash_split, read_csv, require_columns
+from bench.data.rle import RLE_PATTERN
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")

@@ -4,14 +4,7 @@ import pytest
 import torch
 
 from bench.core.errors import UserError
-from bench.data.corpus import (
-    KINDS,
-    CorpusCollate,
-    MixedBatchSampler,
-    Pool,
-    PretrainCorpus,
-    batch_composition,
-)
+from bench.data.corpus import KINDS, CorpusCollate, MixedBatchSampler, Pool, PretrainCorpus, batch_composition
 from bench.data.image_datasets import ImagePreprocessor
 from bench.data.images import ImageCache
 from bench.modeling.towers import Tokenizer

@@ -10,14 +10,7 @@ from tests_support import tree_digest as _digest
 
 from bench.core.errors import UserError
 from bench.data.images import read_image
-from bench.data.synth.png_writers import (
-    covidx_class,
-    covidx_image,
-    nih_image,
-    nih_name,
-    write_covidx,
-    write_nih,
-)
+from bench.data.synth.png_writers import covidx_class, covidx_image, nih_image, nih_name, write_covidx, write_nih
 from bench.datasets.covidx import Covidx
 from bench.datasets.nih import LABELS as NIH_LABELS
 from bench.datasets.nih import Nih

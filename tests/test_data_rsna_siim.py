@@ -11,16 +11,8 @@ from tests_support import tree_digest as _digest
 
 from bench.core.errors import UserError
 from bench.data.images import read_image
-from bench.data.masks import rle_decode, rle_encode
-from bench.data.synth.dicom_writers import (
-    SIZE,
-    boxes,
-    rsna_case,
-    siim_case,
-    write_dicom,
-    write_rsna,
-    write_siim,
-)
+from bench.data.rle import rle_decode, rle_encode
+from bench.data.synth.dicom_writers import SIZE, boxes, rsna_case, siim_case, write_dicom, write_rsna, write_siim
 from bench.datasets.rsna import Rsna
 from bench.datasets.siim import Siim
 

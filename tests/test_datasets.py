@@ -9,14 +9,15 @@ from tests_support import bench_cli
 
 from bench.core.errors import UserError
 from bench.core.registry import DATASETS
-from bench.data.adapter import MANIFEST_COLUMNS, patients_in_several_splits
+from bench.data.adapter import MANIFEST_COLUMNS
+from bench.data.loading import patients_in_several_splits
 from bench.data.synth import dataset_dir
 from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
 from bench.evaluation.prompt_sets import get_prompt_set, prompt_set_names
 
 
 def _root(data_home, name: str):
-    return data_home / "synthetic-tiny-0" / dataset_dir(DATASETS.get(name).config_key or name)
+    return data_home / "synthetic-tiny-0" / dataset_dir(name)
 
 
 @pytest.mark.parametrize("name", DATASETS.names())

@@ -10,15 +10,8 @@ import pytest
 
 from bench.data.synth.findings import CHEXPERT_LABELS, sample_patient
 from bench.data.synth.reports import mimic_report_file, write_report
-from bench.modeling.entities import (
-    _LEXICON,
-    ENTITY_TYPES,
-    STOP_WORDS,
-    Entity,
-    entity_word_spans,
-    tag_entities,
-    word_spans,
-)
+from bench.modeling.entities import (_LEXICON, ENTITY_TYPES, STOP_WORDS, Entity, entity_word_spans, tag_entities,
+                                     word_spans)
 
 KNOWN = "Loculated right pleural effusion with basilar atelectasis. No pneumothorax. Heart size is mildly enlarged."
 HANDWRITTEN = [

@@ -1,4 +1,4 @@
-"""bench/external.py: open_clip-format CLIP models we did not train, built offline from a tiny custom config."""
+"""bench/modeling/external.py: open_clip-format CLIP models we did not train, built offline from a tiny custom config."""
 from __future__ import annotations
 
 import hashlib

@@ -4,13 +4,7 @@ from PIL import Image
 from tests_support import correlation as _corr
 
 import bench.data.images as images
-from bench.data.images import (
-    ImageCache,
-    UnreadableImage,
-    read_image,
-    resize_and_pad,
-    usable,
-)
+from bench.data.images import ImageCache, UnreadableImage, read_image, resize_and_pad, usable
 from bench.data.synth.dicom_writers import write_dicom
 
 

@@ -1,4 +1,4 @@
-"""The package's shape, as the README's "Layout" draws it: imports run one way (the CLI above the tools, above
+"""The package's shape, as the README's "Layout" draws it: imports run one way (the CLI above the tools, above the reports, above
 the experiment chain, above the plug-ins, above the library, above bench.core), no module imports another
 that imports it back, and no module outgrows ~400 lines."""
 import ast
@@ -14,7 +14,8 @@ LAYERS = [
     ("evaluation", ("bench.evaluation",)),
     ("plug-ins", ("bench.methods", "bench.datasets", "bench.evaluation.protocols")),
     ("experiment", ("bench.experiment",)),
-    ("tools", ("bench.report", "bench.tools")),
+    ("report", ("bench.report",)),
+    ("tools", ("bench.tools",)),
     ("cli", ("bench.cli",)),
 ]
 FOLDERS = {"bench.methods": "methods", "bench.datasets": "datasets", "bench.configs": "configs"}

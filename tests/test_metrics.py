@@ -4,11 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
-from bench.evaluation.metrics import (
-    METRICS,
-    choose_thresholds,
-    task_metrics,
-)
+from bench.evaluation.metrics import METRICS, choose_thresholds, task_metrics
 
 
 def _multi_label(seed: int, n: int = 300, classes: int = 4, shift: float = 0.0):

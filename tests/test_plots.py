@@ -6,13 +6,7 @@ from test_table import _rec, _truth, _write
 from bench.core.errors import UserError
 from bench.core.results import ResultsStore
 from bench.evaluation.stats import combined_ci
-from bench.report.plots import (
-    bar_data,
-    figure_bars,
-    fraction_data,
-    roc_data,
-    write_plots,
-)
+from bench.report.plots import bar_data, figure_bars, fraction_data, roc_data, write_plots
 
 
 @pytest.fixture()

@@ -11,14 +11,8 @@ from bench.core.errors import UserError
 from bench.core.registry import DATASETS
 from bench.data.adapter import Task
 from bench.datasets.covidx import VOCABULARIES
-from bench.evaluation.prompt_sets import (
-    SETS_DIR,
-    ClassPrompts,
-    compose_prompts,
-    get_prompt_set,
-    load_prompt_set,
-    prompt_set_names,
-)
+from bench.evaluation.prompt_sets import (SETS_DIR, ClassPrompts, compose_prompts, get_prompt_set, load_prompt_set,
+                                          prompt_set_names)
 
 SHIPPED = ["chexzero", "class-names", "gloria", "medklip", "synthetic-reports"]
 

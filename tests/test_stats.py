@@ -5,16 +5,8 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc
 
 from bench.evaluation import stats
 from bench.evaluation.metrics import choose_thresholds, task_metrics
-from bench.evaluation.stats import (
-    bootstrap,
-    combined_ci,
-    delong,
-    holm,
-    paired_bootstrap,
-    percentile_ci,
-    resample_indices,
-    significance_marker,
-)
+from bench.evaluation.stats import (bootstrap, combined_ci, delong, holm, paired_bootstrap, percentile_ci,
+                                    resample_indices, significance_marker)
 
 
 def _multi_label(seed: int, n: int = 200, classes: int = 3, signal: float = 0.6):

@@ -20,13 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.core.errors import UserError
-from bench.core.io import (
-    FileLock,
-    atomic_write,
-    atomic_write_json,
-    remove_stale_temporaries,
-    temporary_name,
-)
+from bench.core.io import FileLock, atomic_write, atomic_write_json, remove_stale_temporaries, temporary_name
 
 RANDOM_INIT = "random-init"  # the method name of a model's untrained baseline in records
 

@@ -33,7 +33,7 @@ class Task:
     labels: list[str]
     multilabel: bool  # False: exactly one of `labels` per sample (multi-class); a 1-label task is binary
     metric: str  # the metric the field reports for this dataset (DATASETS.md §11): "auc" or "acc"
-    # zero-shot prompts are not part of a task: they are named, versioned data (bench/prompt_sets.py)
+    # zero-shot prompts are not part of a task: they are named, versioned data (bench/evaluation/prompt_sets.py)
 
     @property
     def kind(self) -> str:
@@ -67,7 +67,7 @@ class Adapter:
     - `prompts`: zero-shot prompts for labels the shipped prompt sets do not cover, per prompt set
       ({set name: {label: class}} in the prompt-set file schema, bench/evaluation/prompt_sets.py).
     A variant that reads another adapter's files and settings (chexpert-5x200) sets `config_key` to that
-    adapter's name and declares none of these.
+    adapter's name; its settings, synthetic copy and prompts are that adapter's (whatever it inherits).
 
     `read(with_reports=False)` may skip reading report text (metadata-only inspection of big corpora).
     """
@@ -87,6 +87,11 @@ class Adapter:
     def settings_key(cls) -> str:
         """The `data.<key>` entry this adapter reads."""
         return cls.config_key or cls.name
+
+    @classmethod
+    def is_variant(cls) -> bool:
+        """Whether it reads another adapter's files and settings: then that adapter's declarations hold."""
+        return cls.settings_key() != cls.name
 
     def __init__(self, root: str | Path, cfg: DictConfig | dict | None = None):
         self.root = Path(root).expanduser().absolute()
@@ -133,11 +138,6 @@ def hash_split(patient_ids: Iterable[str], salt: str, val: float, test: float) -
         raise UserError(f"val and test fractions must be >= 0 and sum below 1, got {val} and {test}")
     u = patient_fold(patient_ids, salt)
     return np.where(u < test, "test", np.where(u < test + val, "val", "train"))
-
-
-def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
-    counts = manifest.groupby("patient_id")["split"].nunique()
-    return sorted(counts[counts > 1].index.astype(str))
 
 
 def read_csv(path: Path, **kwargs) -> pd.DataFrame:

@@ -27,11 +27,7 @@ from torch.utils.data import DataLoader
 
 from bench.core.io import UnwritableDestination, atomic_write, remove_stale_temporaries
 from bench.data.adapter import Task
-from bench.data.image_datasets import (
-    ImagePreprocessor,
-    ImageTextDataset,
-    collate_images,
-)
+from bench.data.image_datasets import ImagePreprocessor, ImageTextDataset, collate_images
 from bench.data.images import ImageCache, files_sha256
 from bench.train import distributed
 

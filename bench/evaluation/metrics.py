@@ -14,7 +14,7 @@ Every metric equals scikit-learn's on the same inputs:
 
 All of them are computed from sample weights by `WeightedMetrics`: unit weights give the point estimates
 (`task_metrics`), and bootstrap counts (how often each sample was drawn) give the metrics of a resample
-without building it, for many resamples at once (bench/stats.py). One implementation serves both, so a
+without building it, for many resamples at once (bench/evaluation/stats.py). One implementation serves both, so a
 bootstrap replicate is computed exactly like the number it is an interval for.
 """
 from __future__ import annotations

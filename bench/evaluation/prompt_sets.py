@@ -343,7 +343,7 @@ def load_prompt_set(path: str | Path) -> PromptSet:
 
 @functools.lru_cache(maxsize=1)
 def prompt_set_names() -> list[str]:
-    """The shipped sets, by name (the file stems of bench/prompt_sets/*.yaml)."""
+    """The shipped sets, by name (the file stems of bench/evaluation/prompt_sets/*.yaml)."""
     return sorted(p.stem for p in SETS_DIR.glob("*.yaml"))
 
 

@@ -1,6 +1,6 @@
 """One experiment as a resumable chain: data -> pretraining -> every (dataset x protocol) evaluation ->
 records. Each link skips what is already finished, so re-running the same command after a kill resumes.
-`bench run`, `bench suite` and `bench sweep --finalize` all run models through `evaluate_model`."""
+`bench run`, `bench suite` and `bench sweep --finalize` all run models through `pretrain_and_evaluate`."""
 from __future__ import annotations
 
 import time
@@ -9,18 +9,12 @@ import torch
 from omegaconf import DictConfig
 
 from bench.core.results import ResultsStore
-from bench.experiment.evaluating import (
-    Subject,
-    evaluate,
-    random_init_subject,
-    report_timing,
-    subject_of_run,
-)
+from bench.experiment.evaluating import Subject, evaluate, random_init_subject, report_timing, subject_of_run
 from bench.experiment.pretraining import build_method, pretrain
 from bench.experiment.setup import start
 
 
-def evaluate_model(cfg: DictConfig, store: ResultsStore, device: torch.device, random_init: bool = False,
+def pretrain_and_evaluate(cfg: DictConfig, store: ResultsStore, device: torch.device, random_init: bool = False,
                    force: bool = False, provenance: dict | None = None) -> tuple[Subject, dict]:
     """Pretrain the run of `cfg` (or resume, or reuse it) and evaluate it; with `random_init`, evaluate the same
     architecture untrained instead (the `random-init` baseline: the pretrained model's exact starting point).
@@ -41,5 +35,5 @@ def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
     """`bench run`: pretrain (or resume, or reuse) and evaluate; also evaluate the same architecture untrained."""
     device, store = start(cfg.runtime, cfg.results_dir)
     for random_init in (False, True) if cfg.eval.random_init_baseline else (False,):
-        report_timing(*evaluate_model(cfg, store, device, random_init, force))
+        report_timing(*pretrain_and_evaluate(cfg, store, device, random_init, force))
     return store

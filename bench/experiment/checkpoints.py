@@ -10,12 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core.errors import UserError
 from bench.core.hashing import stable_hash
 from bench.experiment.config import compose_config
-from bench.experiment.config_checks import (
-    check_config,
-    check_known,
-    override_keys,
-    plain_config,
-)
+from bench.experiment.config_checks import check_config, check_known, override_keys, plain_config
 from bench.experiment.evaluating import Subject, subject_of_run
 from bench.experiment.pretraining import build_method
 from bench.modeling.method import Method

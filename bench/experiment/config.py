@@ -11,12 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 import bench.configs
 from bench.core.errors import UserError
 from bench.core.registry import DATASETS, PROTOCOLS
-from bench.experiment.config_checks import (
-    check_config,
-    check_known,
-    override_keys,
-    plain_config,
-)
+from bench.experiment.config_checks import check_config, check_known, override_keys, plain_config
 
 # configs/ ships inside the package as bench.configs (an editable install maps it to the checkout's configs/)
 CONFIG_DIR = Path(bench.configs.__file__).resolve().parent
@@ -26,10 +21,9 @@ CONFIG_GROUPS = ("method", "model", "data", "trainer", "eval")  # `model=base` c
 
 
 def plugin_settings() -> dict[str, dict]:
-    """The settings the plug-ins declare, as the config files place them: `data/adapters` holds every
-    dataset's `data.<name>` (root null, then its adapter's `defaults`), `eval/protocols` every protocol's
-    `eval.<section>`."""
-    datasets = {cls.name: {"root": None, **cls.defaults} for cls in DATASETS.classes() if not cls.config_key}
+    """The settings the plug-ins declare, as the config files place them: every dataset's `data.<name>` (root
+    null, then its adapter's `defaults`) and every protocol's `eval.<section>`."""
+    datasets = {cls.name: {"root": None, **cls.defaults} for cls in DATASETS.classes() if not cls.is_variant()}
     protocols = {cls.section(): dict(cls.defaults) for cls in PROTOCOLS.classes() if cls.defaults}
     return {"data": datasets, "eval": protocols}
 
@@ -41,8 +35,10 @@ def _hydra():
 
     GlobalHydra.instance().clear()
     store, declared = ConfigStore.instance(), plugin_settings()
-    store.store(group="data", name="adapters", node=declared["data"])
-    store.store(group="eval", name="protocols", node=declared["eval"])
+    # a group of their own, not an option of `data` or `eval`: configs/data/default.yaml and
+    # configs/eval/default.yaml place them with `/plugins/<name>@_here_`
+    store.store(group="plugins", name="datasets", node=declared["data"])
+    store.store(group="plugins", name="protocols", node=declared["eval"])
     return compose, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3")
 
 

@@ -9,10 +9,10 @@ after an hour of pretraining:
   the user's values (the method's, ablation's and presets' files), so `trainer.epochs=abc` or `eval.seeds=[x]`
   is refused whatever the key. An integer is accepted where a number is expected.
 - **ranges and names**: `RULES` (and `PATTERNS` for every dataset's settings) say which values are valid
-  where the type does not, e.g. batch sizes >= 1, label fractions in (0, 1], registered datasets, protocols
-  and prompt sets, and where `null` is allowed. Plug-ins declare their own: a dataset adapter's
-  `setting_checks` for `data.<name>.*`, a method's for `method.*`, and its `check_config` for switches that are
-  valid one by one but not together.
+  where the type does not, e.g. batch sizes >= 1, label fractions in (0, 1], registered datasets and
+  protocols, and where `null` is allowed. Plug-ins declare their own: a dataset adapter's `setting_checks`
+  for `data.<name>.*`, a protocol's for `eval.<section>.*` (zero-shot's prompt sets, for one), a method's
+  for `method.*`, and its `check_config` for switches that are valid one by one but not together.
 """
 from __future__ import annotations
 
@@ -22,20 +22,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.core.checks import (
-    Check,
-    folder_or_null,
-    integer,
-    is_int,
-    is_number,
-    list_of,
-    number,
-    number_or_numbers,
-    one_of,
-    show,
-    switch,
-    text,
-)
+from bench.core.checks import (Check, folder_or_null, integer, is_int, is_number, list_of, number, number_or_numbers,
+                               one_of, show, switch, text)
 from bench.core.errors import UserError
 
 # mappings whose keys are the user's to choose: Hugging Face config fields, label phrases, label files
@@ -142,7 +130,7 @@ def _adapter_settings() -> dict[str, dict[str, Check]]:
 
     out: dict[str, dict[str, Check]] = {}
     for cls in DATASETS.classes():
-        out.setdefault(cls.config_key or cls.name, {}).update(cls.setting_checks)
+        out.setdefault(cls.settings_key(), {}).update(cls.setting_checks)
     return out
 
 

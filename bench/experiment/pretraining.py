@@ -17,13 +17,7 @@ from bench.core.hashing import to_plain
 from bench.core.io import atomic_write_text, remove_stale_temporaries
 from bench.core.registry import METHODS
 from bench.core.results import ResultsStore
-from bench.data.corpus import (
-    MixedBatchSampler,
-    Pool,
-    PretrainCorpus,
-    batch_composition,
-    corpus_summary,
-)
+from bench.data.corpus import MixedBatchSampler, Pool, PretrainCorpus, batch_composition, corpus_summary
 from bench.data.image_datasets import ImagePreprocessor
 from bench.data.images import ImageCache
 from bench.data.loading import load_dataset

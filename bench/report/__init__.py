@@ -1,1 +1,1 @@
-"""."""
+"""Results records -> tables (`table`: selection, cells and statistics, references, renderers) and plots."""

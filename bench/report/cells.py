@@ -11,13 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bench.core.errors import UserError
-from bench.report.selection import (
-    COL_KEYS,
-    ROW_KEYS,
-    assign_variants,
-    parse_spec,
-    row_name,
-)
+from bench.report.selection import COL_KEYS, ROW_KEYS, assign_variants, parse_spec, row_name
 
 LONG_COLUMNS = ["method", "ablation", "pretrain_hash", "dataset", "protocol", "fraction", "mean", "std", "n",
                 "records", "ci_lo", "ci_hi", "best", "delta", "delta_ci_lo", "delta_ci_hi", "p", "p_holm", "marker",

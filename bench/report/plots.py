@@ -21,15 +21,8 @@ import pandas as pd
 
 from bench.core.errors import UserError
 from bench.report.cells import summarise
-from bench.report.selection import (
-    assign_variants,
-    fraction_label,
-    load_frame,
-    protocol_rank,
-    row_label,
-    select_records,
-    selected_frame,
-)
+from bench.report.selection import (assign_variants, fraction_label, load_frame, protocol_rank, row_label,
+                                    select_records, selected_frame)
 
 KINDS = ("bars", "fractions", "roc", "all")
 ROC_GRID = np.linspace(0.0, 1.0, 201)

@@ -22,26 +22,11 @@ import pandas as pd
 
 from bench.core.errors import UserError
 from bench.core.results import RANDOM_INIT
-from bench.report.cells import (
-    COL_KEYS,
-    ROW_KEYS,
-    add_deltas,
-    complete_grid,
-    mark_best,
-    resolve_reference,
-    row_name,
-    stats_module,
-    summarise,
-)
+from bench.report.cells import (COL_KEYS, ROW_KEYS, add_deltas, complete_grid, mark_best, resolve_reference, row_name,
+                                stats_module, summarise)
 from bench.report.references import load_reference, quoted_cells
 from bench.report.render import FORMATS, RENDERERS, Table
-from bench.report.selection import (
-    fraction_label,
-    name_list,
-    parse_spec,
-    protocol_rank,
-    selected_frame,
-)
+from bench.report.selection import fraction_label, name_list, parse_spec, protocol_rank, selected_frame
 
 TESTS = ("bootstrap", "delong")
 

@@ -143,11 +143,7 @@ def plan(suite: Suite, extra_overrides: Sequence[str] = (), results_dir: str | N
     baselines (apart, or one worker could get every cheap baseline and another every run)."""
     from bench.core.registry import METHODS
     from bench.experiment.config import compose_config
-    from bench.experiment.evaluating import (
-        Subject,
-        evaluation_plan,
-        random_init_subject,
-    )
+    from bench.experiment.evaluating import Subject, evaluation_plan, random_init_subject
     from bench.experiment.identity import pretrain_hash
 
     overrides = [*suite.overrides, *suite.eval_overrides,
@@ -235,7 +231,7 @@ def render_plan(suite: Suite, units: list[Unit], store: ResultsStore, workers: i
 def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> dict:
     """Run this worker's units in order, each step skipped if finished; one line per unit, a summary at the
     end. A run that diverges is reported and the others go on; the command then fails."""
-    from bench.experiment.chain import evaluate_model
+    from bench.experiment.chain import pretrain_and_evaluate
     from bench.experiment.setup import start
 
     mine = [u for u in units if u.worker == worker]
@@ -255,7 +251,7 @@ def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> d
             print(f"{head}: finished already", flush=True)
             continue
         try:
-            _, summary = evaluate_model(unit.cfg, store, device, unit.kind == BASELINE, provenance=provenance)
+            _, summary = pretrain_and_evaluate(unit.cfg, store, device, unit.kind == BASELINE, provenance=provenance)
         except TrainingDiverged as exc:
             diverged.append(f"{unit.label}: {exc}")
             print(f"{head}: training stopped: {exc}", flush=True)

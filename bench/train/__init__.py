@@ -1,1 +1,1 @@
-"""."""
+"""The shared trainer, its speed switches, early stopping, and multi-process training (torchrun)."""

@@ -21,10 +21,10 @@ MARKER = "synthetic.json"
 
 def synthetic_adapters() -> list:
     """The adapters with a synthetic copy (their `synthetic` declaration), by name; a variant that reads
-    another adapter's files (`config_key`) has that adapter's copy."""
+    another adapter's files has that adapter's copy."""
     from bench.core.registry import DATASETS
 
-    return [cls for cls in DATASETS.classes() if cls.synthetic is not None and not cls.config_key]
+    return [cls for cls in DATASETS.classes() if cls.synthetic is not None and not cls.is_variant()]
 
 
 def dataset_dir(name: str) -> str:

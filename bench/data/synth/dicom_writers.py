@@ -18,7 +18,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy import ndimage
 
-from bench.data.masks import rle_encode
+from bench.data.rle import rle_encode
 from bench.data.synth.drawing import draw_frontal
 from bench.data.synth.findings import Finding, Patient, sample_patient
 from bench.data.synth.writers import _rng, _write_csv

@@ -14,12 +14,7 @@ import numpy as np
 from PIL import Image
 
 from bench.data.synth.drawing import draw_frontal
-from bench.data.synth.findings import (
-    COVIDX_CLASSES,
-    Patient,
-    sample_covidx_patient,
-    sample_patient,
-)
+from bench.data.synth.findings import COVIDX_CLASSES, Patient, sample_covidx_patient, sample_patient
 from bench.data.synth.writers import _rng
 
 # COVIDx pools many sources, so its images come in several sizes

@@ -14,4 +14,7 @@ return the trials of dead workers. Workers started with the same command share t
 trial at a time and stops once the study holds `--trials` finished, running or queued trials, so together
 they run exactly that many. A trial whose worker died (or was interrupted) is queued again with the same
 parameters and resumes its pretraining from the checkpoint.
+
+Modules: `spec` (what a study searches and scores), `study` (storage, trials, the workers' loop,
+`--finalize`), `outputs` (best.json, trials.csv, plots).
 """

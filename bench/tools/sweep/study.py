@@ -282,7 +282,7 @@ def finalize(spec: SweepSpec, final_seeds: list[int], force: bool = False) -> li
     its records carry the ablation `sweep-<study>` and a `sweep` field naming the study and the trial."""
     from optuna.trial import TrialState
 
-    from bench.experiment.chain import evaluate_model
+    from bench.experiment.chain import pretrain_and_evaluate
     from bench.experiment.evaluating import report_timing
     from bench.experiment.setup import start
 
@@ -299,7 +299,7 @@ def finalize(spec: SweepSpec, final_seeds: list[int], force: bool = False) -> li
     written = []
     for seed in final_seeds:
         cfg = spec.config(seed, dict(best.params), ablation=f"sweep-{spec.study_name}")
-        subject, summary = evaluate_model(cfg, store, device, force=force, provenance=marker)
+        subject, summary = pretrain_and_evaluate(cfg, store, device, force=force, provenance=marker)
         report_timing(subject, summary)
         written += summary["written"]
     write_outputs(study, spec)
