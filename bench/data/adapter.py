@@ -89,6 +89,14 @@ class Adapter:
         return cls.config_key or cls.name
 
     @classmethod
+    def settings_owner(cls) -> type["Adapter"]:
+        """The adapter whose settings, synthetic copy and prompts hold for this one: itself, or for a variant the
+        adapter whose files it reads."""
+        from bench.core.registry import DATASETS
+
+        return DATASETS.get(cls.settings_key())
+
+    @classmethod
     def is_variant(cls) -> bool:
         """Whether it reads another adapter's files and settings: then that adapter's declarations hold."""
         return cls.settings_key() != cls.name

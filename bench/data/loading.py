@@ -38,7 +38,7 @@ def dataset_identity(cfg: DictConfig, name: str) -> dict:
     out = {"dataset": name, "settings": settings, "corrupt_images": cfg.data.corrupt_images}
     if settings.get("root") is None:
         size = cfg.data.synthetic.size
-        owner = DATASETS.get(DATASETS.get(name).settings_key())
+        owner = DATASETS.get(name).settings_owner()
         counts = owner.synthetic.counts if owner.synthetic is not None else {}
         out["synthetic"] = {"size": size, "seed": cfg.data.synthetic.seed, "generator_version": GENERATOR_VERSION,
                             "count": counts.get(size)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from bench.core.checks import Check
 
@@ -71,13 +71,14 @@ class Protocol:
         return cls.name.replace("-", "_")
 
     @classmethod
-    def jobs(cls, eval_cfg: DictConfig) -> list[tuple[float, int]]:
-        """(label fraction, evaluation seed) of every record it makes for one model and dataset. A protocol
-        that fits no labels draws nothing, so it is one record whatever eval.seeds holds and however the
-        seeds are split over processes, and that record's eval seed is always 0."""
+    def jobs(cls, fractions: Sequence[float], seeds: Sequence[int]) -> list[tuple[float, int]]:
+        """(label fraction, evaluation seed) of every record it makes for one model and dataset, given the
+        configured label fractions and evaluation seeds. A protocol that fits no labels draws nothing, so it is
+        one record whatever eval.seeds holds and however the seeds are split over processes, and that record's
+        eval seed is always 0."""
         if not cls.fits_labels:
             return [(1.0, 0)]
-        return [(float(f), int(s)) for f in eval_cfg.fractions for s in eval_cfg.seeds]
+        return [(float(f), int(s)) for f in fractions for s in seeds]
 
     @classmethod
     def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> ProtocolResult:

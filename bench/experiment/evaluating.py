@@ -48,7 +48,7 @@ def evaluation_plan(cfg: DictConfig, subject: Subject, joint_space: bool) -> lis
     keys = []
     for dataset in cfg.eval.datasets:
         for protocol in evaluation_protocols(cfg, joint_space):
-            for fraction, seed in PROTOCOLS.get(protocol).jobs(cfg.eval):
+            for fraction, seed in PROTOCOLS.get(protocol).jobs(cfg.eval.fractions, cfg.eval.seeds):
                 keys.append(RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
                                       dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset)))
     return keys
@@ -60,8 +60,8 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
     unless `force`. `provenance` is added to every record (e.g. the sweep a model came from). Returns the
     written record paths and where the time went.
 
-    Under torchrun every rank evaluates (fine-tuning trains one DDP model) and rank 0 writes the records."""
-    distributed.init_from_env()
+    Under torchrun (joined by `experiment.setup.start`) every rank evaluates (fine-tuning trains one DDP
+    model) and rank 0 writes the records."""
     skipped = [p for p in cfg.eval.protocols if p not in evaluation_protocols(cfg, method.joint_space)]
     if skipped:
         print(f"bench: {subject.method} has no joint image-text space; {', '.join(skipped)} "

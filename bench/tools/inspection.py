@@ -76,7 +76,7 @@ def default_settings(name: str, overrides: list[str]) -> dict:
     """The dataset's settings as its adapter declares them (`data.<name>`), with `key=value` overrides applied."""
     from omegaconf import OmegaConf
 
-    owner = DATASETS.get(DATASETS.get(name).settings_key())
+    owner = DATASETS.get(name).settings_owner()
     settings = OmegaConf.create({"root": None, **owner.defaults})
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -31,7 +31,7 @@ def dataset_dir(name: str) -> str:
     """The folder of dataset `name`'s synthetic copy (a variant's: the dataset whose files it reads)."""
     from bench.core.registry import DATASETS
 
-    owner = DATASETS.get(DATASETS.get(name).settings_key())
+    owner = DATASETS.get(name).settings_owner()
     if owner.synthetic is None:
         raise UserError(f"dataset {name!r} has no synthetic copy: set data.{owner.name}.root to its files")
     return owner.synthetic.folder

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bench.core.errors import UserError
 from bench.core.registry import PROTOCOLS
@@ -139,8 +139,7 @@ def validation_score(cfg: DictConfig, objective: Objective, device, run_dir: Pat
 
     def score(method, during_training: bool = False) -> float:
         protocol = tracked if during_training else objective.protocol
-        jobs = PROTOCOLS.get(protocol).jobs(OmegaConf.create({"fractions": [objective.fraction],
-                                                             "seeds": [int(s) for s in cfg.eval.seeds]}))
+        jobs = PROTOCOLS.get(protocol).jobs([objective.fraction], cfg.eval.seeds)
         features = FeatureCache(None, int(cfg.eval.batch_size), device, workers)  # weights change every epoch
         values = []
         for name in objective.datasets:
