@@ -28,7 +28,7 @@ class Rsna(Adapter):
     task = finding_task([LABEL], "auc")
     description = "RSNA Pneumonia Detection: binary pneumonia (lung opacity) classification from DICOMs (AUC)"
     defaults = {"images_dir": "stage_2_train_images", "val_fraction": 0.15, "test_fraction": 0.15}  # root: .../rsna-pneumonia-detection-challenge
-    synthetic = Synthetic("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 1500, "medium": 6000},  # patients
+    synthetic = Synthetic("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 2000, "medium": 6000},  # patients, 60% test
                           "bench.data.synth.dicom_writers:write_rsna")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
@@ -40,7 +40,9 @@ class Rsna(Adapter):
         if blank.any():
             i = int(np.flatnonzero(blank.to_numpy())[0])
             raise UserError(f"{path}: line {i + 2}: patientId and Target must not be blank")
-        positive = target.groupby(df["patientId"].str.strip(), sort=False).max()
+        patients = df["patientId"].str.strip()
+        positive = target.groupby(patients, sort=False).max()
+        self._boxes = _boxes(df, patients, target)
         ids = positive.index.to_numpy(dtype=str)
         images_dir = self.root / str(self.cfg.get("images_dir", "stage_2_train_images"))
         return pd.DataFrame({
@@ -51,3 +53,27 @@ class Rsna(Adapter):
                                 fraction_setting(self.cfg, "test_fraction", 0.15)),
             LABEL: positive.to_numpy(dtype=float),
         })
+
+    def finding_mask(self, row) -> np.ndarray | None:
+        """The union of the patient's opacity boxes (x, y, width, height in the image's pixels), on the image
+        file's own rows and columns; all False for Target 0; None where the labels file has no box columns."""
+        from bench.data.finding_masks import box_mask, image_shape  # numpy: not at import, `bench list` stays instant
+
+        if not hasattr(self, "_boxes"):
+            self.read(with_reports=False)
+        if self._boxes is None or str(row["sample_id"]) not in self._boxes:
+            return None
+        return box_mask(image_shape(row["image_path"]), self._boxes[str(row["sample_id"])])
+
+
+def _boxes(df: pd.DataFrame, patients: pd.Series, target: pd.Series) -> dict[str, list[tuple]] | None:
+    """patientId -> its Target-1 boxes (none for a negative patient), or None without the box columns."""
+    columns = ["x", "y", "width", "height"]
+    if any(c not in df.columns for c in columns):
+        return None
+    values = df[columns].apply(pd.to_numeric, errors="coerce")
+    out: dict[str, list[tuple]] = {p: [] for p in patients.unique()}
+    whole = (target == 1) & values.notna().all(axis=1)
+    for patient, box in zip(patients[whole], values[whole].itertuples(index=False)):
+        out[patient].append(tuple(float(v) for v in box))
+    return out

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bench.core.checks import number
+from bench.core.checks import Check, number, one_of
 from bench.core.registry import register_method
 from bench.data.batch import Batch, TextBatch
+from bench.data.corpus import PAIRINGS
 from bench.modeling.losses import clip_loss
 from bench.modeling.method import Method, StepOutput
 from bench.modeling.towers import TextTower, VisionTower
@@ -31,7 +33,7 @@ def add_joint_space(method: Method, cfg: DictConfig) -> None:
 
 @register_method("clip")
 class CLIP(Method):
-    setting_checks = JOINT_SPACE_CHECKS
+    setting_checks: ClassVar[dict[str, Check]] = {**JOINT_SPACE_CHECKS, "pairing": one_of(PAIRINGS)}
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)

@@ -59,6 +59,8 @@ class MMCLIP(Method):
         "image_masking.attention_source": one_of(ATTENTION_SOURCES),
         "image_masking.min_visible": integer(1),
         "image_masking.contrastive_view": one_of(("visible", "full")),
+        "image_masking.hit_rate_every": integer(0, null=True),
+        "image_masking.hit_rate_images": integer(1),
         "text_masking.strategy": one_of(TEXT_STRATEGIES),
         "text_masking.entity_mask_prob": number(0, 1),
         "text_masking.random_ratio": number(0, 1),
@@ -225,10 +227,11 @@ class MMCLIP(Method):
         total = sum(self.weights[k] * v for k, v in losses.items())
         return StepOutput(total, {**{k: v.detach() for k, v in losses.items()}, **parts})
 
-    def _patch_mask(self, batch: Batch, pairs: tuple[torch.Tensor, torch.Tensor] | None, text_out, full):
+    def _patch_mask(self, batch: Batch, pairs: tuple[torch.Tensor, torch.Tensor] | None, text_out, full,
+                    generator: torch.Generator | None = None):
         """AttMIM's mask: images with text are scored against it without gradient (from the ITC pass's
         features, or one no-grad pass over the whole image); images without text, and the random strategy,
-        get uniformly random masks."""
+        get uniformly random masks. Random draws come from `generator` (None: torch's global RNG, as training)."""
         im = self.cfg.method.image_masking
         n_images, n_patches = batch.images.shape[0], self.image_tower.num_patches
         scores = None
@@ -236,12 +239,29 @@ class MMCLIP(Method):
             image_rows, text_rows = pairs
             with torch.no_grad():
                 tokens = full[1].detach() if full is not None else self.image_tower(batch.images)[1]
-                scores = torch.rand(n_images, n_patches, device=batch.images.device)
+                scores = torch.rand(n_images, n_patches, device=batch.images.device, generator=generator)
                 scores[image_rows] = self.patch_scores(
                     tokens[image_rows], text_out[1][text_rows].detach(), _rows(batch.text, text_rows),
                     text_out[0][text_rows].detach()).float()
         return select_patches(scores, n_images, n_patches, im.mask_ratio, im.attention_share, im.min_visible,
-                              batch.images.device)
+                              batch.images.device, generator)
+
+    @torch.no_grad()
+    def mask_probe(self, images: torch.Tensor, texts: list[str], generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+        """[B, N] bool: the patches image masking hides in each image paired with its text, chosen by the
+        training step's own path (`_patch_mask`: AttMIM scores, then `select_patches`; random masks for the
+        random strategy), with random draws from `generator` so that measuring never moves training's RNG.
+        The caller sets the mode (eval, for a measurement); AttMIM's hit rate is scored on these
+        (`bench.modeling.masking.hit_rate`)."""
+        if not self.mim:
+            raise UserError(f"method {self.cfg.method.name} has image masking off (method.image_masking.enabled="
+                            f"false): there is no mask to measure")
+        text = self.tokenizer(list(texts)).to(images.device)
+        rows = torch.arange(len(text), device=images.device)
+        attention = self.itc and self.cfg.method.image_masking.strategy == "attention"
+        text_out = self.text_tower(text) if attention else None
+        return self._patch_mask(Batch(images, text), (rows, rows), text_out, None, generator).masked
 
     def _mim_loss(self, batch: Batch, mask, visible: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """MSE on the hidden patches' pixels (the first channel: inputs are grey repeated), each patch

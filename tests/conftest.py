@@ -13,6 +13,9 @@ TINY = ["data.synthetic.size=tiny", "trainer.epochs=2", "trainer.batch_size=16",
         "eval.fine_tune.batch_size=16"]
 
 
+TINY_FOLDER = "synthetic-v6-standard-tiny-0"  # the default root's folder for the tiny size (configs/data/default.yaml)
+
+
 @pytest.fixture(scope="session")
 def data_home(tmp_path_factory) -> Path:
     """One tiny synthetic benchmark for the whole session (MEDVLP_BENCH_DATA points at it)."""
@@ -20,7 +23,7 @@ def data_home(tmp_path_factory) -> Path:
     os.environ["MEDVLP_BENCH_DATA"] = str(home)
     from bench.data.synth import ensure_synthetic
 
-    ensure_synthetic(home / "synthetic-tiny-0", "tiny", 0)
+    ensure_synthetic(home / TINY_FOLDER, "tiny", 0)
     return home
 
 

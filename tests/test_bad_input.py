@@ -1,6 +1,7 @@
 """Every bad input is one line on stderr that names the key or file and what is valid, exit code 2, before any
 work starts; an unwritable or full destination is one clear line and loses nothing finished; files in a
 results folder that are not records are named and skipped."""
+import json
 import resource
 import shutil
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, TINY_FOLDER
 from tests_support import bench_cli
 
 from bench.cli import main
@@ -47,7 +48,7 @@ def finished_run(data_home, tmp_path_factory) -> Path:
 
 def _truncated_roots(data_home, tmp_path) -> dict[str, Path]:
     """Copies of the synthetic CheXpert, RSNA and NIH roots with a metadata file cut mid-row or a ragged row."""
-    base = data_home / "synthetic-tiny-0"
+    base = data_home / TINY_FOLDER
     roots = {}
     for name, folder, file, cut in (("chexpert", "CheXpert-v1.0-small", "train.csv", "end"),
                                     ("rsna", "rsna-pneumonia-detection-challenge", "stage_2_train_labels.csv",
@@ -206,7 +207,8 @@ def test_table_names_and_skips_files_that_are_not_records(tiny_cfg, capsys):
     for name, content in BAD_JSON.items():
         (path.parent / name).write_bytes(content)
     code, err, out = _call(["table", "--results-dir", cfg.results_dir], capsys)
-    assert code == 0 and "| random-init | clip       | 0.750 (n=1)" in out
+    auc = json.loads(path.read_text())["metrics"]["auc"]
+    assert code == 0 and f"| random-init | clip       | {auc:.3f} (n=1)" in out
     skipped = [line for line in err.splitlines() if line.startswith("bench: skipped")]
     assert len(skipped) == len(BAD_JSON) and all(str(path.parent / n) in err for n in BAD_JSON)
     for reason in ("not JSON, or cut short", "a JSON list, not an object", "a JSON NoneType, not an object",

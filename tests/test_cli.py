@@ -1,6 +1,6 @@
 import json
 
-from conftest import TINY
+from conftest import TINY, TINY_FOLDER
 from tests_support import bench_cli
 
 
@@ -41,7 +41,7 @@ def test_list_and_help():
 
 
 def test_data_synth_and_throughput(data_home):
-    root = data_home / "synthetic-tiny-0"
+    root = data_home / TINY_FOLDER
     out = bench_cli("data", "synth", "--size", "tiny", "--out", str(root))
     assert out.returncode == 0, out.stderr
     assert f"nih        {root / 'ChestX-ray14'}" in out.stdout and len(out.stdout.splitlines()) == 6

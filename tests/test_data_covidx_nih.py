@@ -10,7 +10,8 @@ from tests_support import tree_digest as _digest
 
 from bench.core.errors import UserError
 from bench.data.images import read_image
-from bench.data.synth.png_writers import covidx_class, covidx_image, nih_image, nih_name, write_covidx, write_nih
+from bench.data.synth.png_writers import (covidx_class, covidx_image, covidx_split, nih_image, nih_name, write_covidx,
+                                         write_nih)
 from bench.datasets.covidx import Covidx
 from bench.datasets.nih import LABELS as NIH_LABELS
 from bench.datasets.nih import Nih
@@ -123,13 +124,13 @@ def test_covidx_binary_manifest(covidx2):
 def test_covidx_images_are_the_drawn_class(covidx3):
     train = _labels(covidx3 / "train_COVIDx9A.txt")
     checked = 0
-    # the writer lists patients in index order and sends every fifth one to the test file
-    train_indices = [i for i in range(N_COVIDX) if i % 5 != 4]
+    # the writer lists patients in index order; covidx_split says which go to the test file
+    train_indices = [i for i in range(N_COVIDX) if covidx_split(i, "3-class") == "train"]
     for index, (pid, group) in zip(train_indices, train.groupby("patient_id", sort=False)):
         assert set(group["class"]) == {covidx_class(index, "3-class")}
         for image, name in enumerate(group["filename"]):
             decoded = read_image(covidx3 / "train" / name)
-            drawn = covidx_image(SEED, index, image, covidx_class(index, "3-class"))
+            drawn, _ = covidx_image(SEED, index, image, covidx_class(index, "3-class"))
             assert decoded.shape == drawn.shape and decoded.dtype == np.uint8
             if name.endswith(".png"):
                 assert np.array_equal(decoded, drawn)
@@ -217,11 +218,11 @@ def test_nih_metadata_quirks(nih):
 def test_nih_folders_lists_and_pixel_formats(nih):
     folders = sorted(p.parent.name for p in nih.glob("images_*/images"))
     assert len(folders) >= 2 and folders[:2] == ["images_001", "images_002"]
-    in_order = [p.name for f in folders for p in sorted((nih / f / "images").iterdir())]
+    in_order = [p.name for f in folders for p in sorted((nih / f / "images").glob("*.png"))]
     assert in_order == sorted(in_order)  # folders fill up one after another
     train_val = (nih / "train_val_list.txt").read_text().split()
     test = (nih / "test_list.txt").read_text().split()
-    assert sorted(train_val + test) == in_order and 0.1 < len(test) / len(in_order) < 0.4
+    assert sorted(train_val + test) == in_order and 0.4 < len(test) / len(in_order) < 0.8  # TEST_SHARE of patients
     assert not {n[:8] for n in train_val} & {n[:8] for n in test}
     modes = {Image.open(p).mode for p in nih.glob("images_*/images/*.png")}
     assert modes == {"L", "RGBA", "I;16"}
@@ -244,7 +245,7 @@ def test_nih_manifest_labels_and_images_are_what_was_drawn(nih):
     for row in manifest.itertuples(index=False):
         index, followup = int(row.patient_id) - 1, int(row.sample_id[9:12])
         assert row.sample_id == nih_name(index, followup)
-        patient, drawn = nih_image(SEED, index, followup)
+        patient, drawn, _ = nih_image(SEED, index, followup)
         expected = [1.0 if label in patient.nih_labels() else 0.0 for label in NIH_LABELS]
         assert list(manifest.loc[manifest["sample_id"] == row.sample_id, NIH_LABELS].iloc[0]) == expected
         decoded = read_image(row.image_path)

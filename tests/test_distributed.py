@@ -122,7 +122,8 @@ def test_two_ranks_compute_the_loss_and_gradients_of_one_process_on_the_global_b
 
 def test_bench_run_under_torchrun_writes_every_file_once_and_resumes_after_a_kill(data_home, tmp_path):
     overrides = [*TINY, *NO_DROPOUT, "trainer.max_steps=6", "eval.datasets=[rsna]",
-                 "eval.protocols=[zero-shot,fine-tune]", "eval.random_init_baseline=false", "runtime.device=cpu",
+                 "eval.protocols=[zero-shot,fine-tune]", "eval.fine_tune.fractions=null",
+                 "eval.random_init_baseline=false", "runtime.device=cpu",
                  "runtime.threads=1"]
     # the same global batches in one process, uninterrupted
     single = compose_config("clip", overrides=[*overrides, f"results_dir={tmp_path / 'single'}"])

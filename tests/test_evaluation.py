@@ -212,7 +212,8 @@ def test_a_killed_fine_tune_resumes_to_the_same_result(tiny_cfg, tmp_path, monke
 
 def test_run_writes_every_protocol_fraction_and_seed_with_the_random_init_baseline(tiny_cfg):
     cfg = tiny_cfg(extra=("eval.datasets=[rsna]", "eval.protocols=[zero-shot,linear-probe,fine-tune]",
-                          "eval.fractions=[0.1,1.0]", "eval.seeds=[0,1]", "eval.fine_tune.epochs=1"))
+                          "eval.fractions=[0.1,1.0]", "eval.seeds=[0,1]", "eval.fine_tune.epochs=1",
+                          "eval.fine_tune.fractions=null"))
     store = ResultsStore(cfg.results_dir)
     method = build_method(cfg, 0)
     summary = evaluate(cfg, method, random_init_subject(cfg), store, CPU)
@@ -232,6 +233,21 @@ def test_run_writes_every_protocol_fraction_and_seed_with_the_random_init_baseli
     assert all(not any(p.suffix == ".pt" for p in (store.root / "finetune").rglob("*")) for _ in ft)
     again = evaluate(cfg, method, random_init_subject(cfg), store, CPU)
     assert again["written"] == [], "finished records are skipped"
+
+
+def test_a_protocols_own_fractions_choose_its_records_and_not_their_keys(tiny_cfg):
+    """Fine-tuning runs at its own `fractions` (the demo's 10%) unless they are null (eval.fractions); which
+    fractions run is a schedule, so a record's key is the same either way."""
+    from bench.experiment.evaluating import evaluation_plan
+
+    plans = {}
+    for own in ("[0.1]", "null"):
+        cfg = tiny_cfg(extra=("eval.protocols=[linear-probe,fine-tune]", "eval.fractions=[0.1,1.0]",
+                              "eval.datasets=[rsna]", f"eval.fine_tune.fractions={own}"))
+        plans[own] = {(k.protocol, k.fraction): k for k in evaluation_plan(cfg, random_init_subject(cfg), True)}
+    assert sorted(plans["[0.1]"]) == [("fine-tune", 0.1), ("linear-probe", 0.1), ("linear-probe", 1.0)]
+    assert sorted(plans["null"]) == sorted([*plans["[0.1]"], ("fine-tune", 1.0)])
+    assert plans["null"][("fine-tune", 0.1)] == plans["[0.1]"][("fine-tune", 0.1)]
 
 
 def test_bench_eval_of_a_run_folder_reproduces_the_run_records(tiny_cfg, tmp_path):

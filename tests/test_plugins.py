@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, TINY_FOLDER
 
 from bench.cli import main
 from bench.core.checks import number
@@ -98,8 +98,8 @@ DATASETS.unregister("toy-opacity")  # registered only inside the test below
 
 
 def test_a_registered_dataset_gets_its_settings_its_synthetic_copy_and_its_prompts(data_home, tmp_path):
-    root = tmp_path / "synthetic-tiny-0"
-    shutil.copytree(data_home / "synthetic-tiny-0", root)
+    root = tmp_path / TINY_FOLDER
+    shutil.copytree(data_home / TINY_FOLDER, root)
     before = {p.name for p in root.iterdir()}
     register_adapter(ToyOpacity)
     try:

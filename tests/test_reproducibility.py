@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from conftest import TINY
+from conftest import TINY, TINY_FOLDER
 from tests_support import run_dir_of
 
 from bench.core.io import HOST, FileLock, atomic_write_text, remove_stale_temporaries
@@ -48,7 +48,7 @@ def test_zero_shot_is_the_same_whether_the_features_were_cached_or_not(tiny_cfg)
 def test_cached_features_follow_the_image_files(tiny_cfg, data_home, tmp_path):
     """The same dataset from another root whose files have the same names and other contents, or a file
     changed in place, is encoded again; the numbers are those of a fresh results folder."""
-    src = data_home / "synthetic-tiny-0" / "rsna-pneumonia-detection-challenge"
+    src = data_home / TINY_FOLDER / "rsna-pneumonia-detection-challenge"
     other = tmp_path / "rsna-elsewhere"
     shutil.copytree(src, other)
     images = sorted((other / "stage_2_train_images").glob("*.dcm"))

@@ -1,26 +1,35 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import json
+
+from conftest import TINY_FOLDER
+from omegaconf import OmegaConf
 from tests_support import tree_digest as _digest
 
 from bench.core.errors import UserError
 from bench.core.registry import DATASETS
-from bench.data.synth import dataset_dir, ensure_synthetic
+from bench.data.finding_masks import read_sidecar
+from bench.data.images import read_image
+from bench.data.synth import GENERATOR_VERSION, MARKER, dataset_dir, ensure_synthetic, folder_name
+from bench.data.synth.drawing import draw_frontal
+from bench.data.synth.findings import Finding, Patient
 
 CHEXPERT_DIR, MIMIC_DIR = dataset_dir("chexpert"), dataset_dir("mimic-cxr")
-
 
 
 def test_generator_is_deterministic_by_seed(tmp_path, data_home):
     again = ensure_synthetic(tmp_path / "again", "tiny", 0, workers=1)
     other = ensure_synthetic(tmp_path / "other", "tiny", 1, workers=2)
-    reference = _digest(data_home / "synthetic-tiny-0")
+    reference = _digest(data_home / TINY_FOLDER)
     assert _digest(again) == reference
     assert _digest(other) != reference
 
 
 def test_existing_tree_is_reused_and_a_different_one_refused(data_home, tmp_path):
-    root = data_home / "synthetic-tiny-0"
+    root = data_home / TINY_FOLDER
     assert ensure_synthetic(root, "tiny", 0) == root
     with pytest.raises(UserError, match="not .*'seed': 5"):
         ensure_synthetic(root, "tiny", 5)
@@ -31,7 +40,7 @@ def test_existing_tree_is_reused_and_a_different_one_refused(data_home, tmp_path
 
 
 def test_mimic_layout_and_quirks(data_home):
-    root = data_home / "synthetic-tiny-0" / MIMIC_DIR
+    root = data_home / TINY_FOLDER / MIMIC_DIR
     meta = pd.read_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz")
     assert list(meta.columns[:5]) == ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription",
                                       "ViewPosition"]
@@ -53,7 +62,7 @@ def test_mimic_layout_and_quirks(data_home):
 
 
 def test_labels_follow_the_report_text(data_home):
-    root = data_home / "synthetic-tiny-0" / MIMIC_DIR
+    root = data_home / TINY_FOLDER / MIMIC_DIR
     manifest = DATASETS.get("mimic-cxr")(root, {"uncertain_policy": "zeros"}).read()
     hedged_as_positive = DATASETS.get("mimic-cxr")(root, {"uncertain_policy": "ones"}).read()
     effusion = manifest["report"].str.lower().str.contains("pleural effusion")
@@ -68,7 +77,7 @@ def test_labels_follow_the_report_text(data_home):
 
 
 def test_chexpert_layout(data_home):
-    root = data_home / "synthetic-tiny-0" / CHEXPERT_DIR
+    root = data_home / TINY_FOLDER / CHEXPERT_DIR
     train = pd.read_csv(root / "train.csv")
     assert list(train.columns[:5]) == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
     assert list(train.columns).index("Lung Opacity") < list(train.columns).index("Lung Lesion")
@@ -77,3 +86,70 @@ def test_chexpert_layout(data_home):
     assert (train.iloc[:, 5:] == -1.0).any().any() and train.iloc[:, 5:].isna().any().any()
     valid = pd.read_csv(root / "valid.csv")
     assert set(np.unique(valid.iloc[:, 5:].to_numpy())) <= {0.0, 1.0}
+
+
+def test_the_default_root_names_the_generator_version():
+    root = OmegaConf.to_container(OmegaConf.load("configs/data/default.yaml"))["synthetic"]["root"]  # unresolved
+    assert root.endswith(f"/synthetic-v{GENERATOR_VERSION}-${{.difficulty}}-${{.size}}-${{.seed}}")
+    assert TINY_FOLDER == folder_name("tiny", 0, "standard")
+
+
+def test_an_older_generators_folder_is_read_as_it_is(data_home, tmp_path):
+    old = tmp_path / "synthetic-tiny-0"
+    old.mkdir()
+    marker = json.loads((data_home / TINY_FOLDER / MARKER).read_text())
+    (old / MARKER).write_text(json.dumps({**{k: v for k, v in marker.items() if k != "difficulty"},
+                                          "generator_version": 5}))
+    assert ensure_synthetic(old, "tiny", 0) == old  # nothing rewritten, nothing refused
+    assert not any(p.name != MARKER for p in old.iterdir())
+    with pytest.raises(UserError, match="not .*'seed': 1"):
+        ensure_synthetic(old, "tiny", 1)
+
+
+def test_every_frontal_image_has_its_ground_truth_sidecar(data_home):
+    root = data_home / TINY_FOLDER
+    for name in ("chexpert", "mimic-cxr", "covidx", "nih", "rsna", "siim"):
+        manifest = DATASETS.get(name)(root / dataset_dir(name)).read(with_reports=False)
+        found = {}
+        for path in manifest["image_path"]:
+            masks = read_sidecar(path)
+            assert masks is not None, path
+            found.update(masks)
+            shape = read_image(path).shape
+            assert all(m.shape == shape and m.dtype == bool for m in masks.values()), path
+        assert found, name  # some finding was drawn somewhere
+    siim = DATASETS.get("siim")(root / dataset_dir("siim")).read()
+    for row in siim.itertuples():  # the sidecar and SIIM's own label agree
+        assert ("Pneumothorax" in read_sidecar(row.image_path)) == bool(row.Pneumothorax)
+
+
+def test_difficulty_scales_findings_against_the_nuisance():
+    """The same patient and draw: a finding is more conspicuous at `easy` than at `hard`; an image without
+    findings differs only by the nuisance; an unknown level is refused."""
+    def draw(patient, difficulty):
+        return draw_frontal(patient, np.random.default_rng(7), 96, 88, {}, difficulty).astype(float)
+
+    sick = Patient(findings={"Pneumothorax": Finding("Pneumothorax", "left", "upper", 3)})
+    contrast = {d: np.abs(draw(sick, d) - draw(Patient(), d)).mean() for d in ("easy", "standard", "hard")}
+    assert contrast["easy"] > contrast["standard"] > contrast["hard"] > 0
+    with pytest.raises(UserError, match="difficulty 'brutal'"):
+        ensure_synthetic(Path("/nonexistent"), "tiny", 0, difficulty="brutal")
+
+
+def test_a_finding_is_not_told_by_the_mean_intensity_of_its_region():
+    """At the standard difficulty, the mean intensity of the hemithorax a finding is drawn in varies across
+    patients (the nuisance) at least as much as the finding shifts it: brightness alone does not tell it."""
+    height, width = 96, 88
+    y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    for name in ("Cardiomegaly", "Pleural Effusion", "Consolidation", "Pneumothorax", "Pneumonia", "Edema",
+                 "Atelectasis", "Fibrosis", "COVID-19"):
+        side = "left" if name in ("Pleural Effusion", "Consolidation", "Pneumothorax", "Pneumonia", "Atelectasis") \
+            else "bilateral"
+        region = (y > 0.15) & (y < 0.8) & ((x > 0.51) if side == "left" else (x > 0.09)) & (x < 0.91)
+        means = {True: [], False: []}
+        for i in range(30):
+            for present in (True, False):
+                patient = Patient(findings={name: Finding(name, side, "lower", 2)} if present else {})
+                means[present].append(draw_frontal(patient, np.random.default_rng(1000 + i), height, width)[region].mean())
+        shift = abs(np.mean(means[True]) - np.mean(means[False]))
+        assert np.std(means[False]) >= shift, name

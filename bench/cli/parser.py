@@ -17,6 +17,7 @@ EPILOG = """examples:
   bench run --method mmclip --ablation attmim-share-0.5
   bench sweep --method mmclip --param mask_ratio=0.3:0.9 --trials 20 --objective rsna:linear-probe:auc
   bench mask --report "Small right pleural effusion. No pneumothorax." --json
+  bench mask --dataset siim --stats --checkpoint results/runs/mmclip-none-0123456789-seed0
   bench profile --methods clip,mmclip --presets tiny --variants trainer,plain
   bench list
 """
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "eval.datasets)")
     ev.add_argument("--protocol", action="append", default=[], help="zero-shot, linear-probe or fine-tune "
                                                                     "(repeatable; default: eval.protocols)")
-    ev.add_argument("--fractions", default=None, help="label fractions, e.g. 0.01,0.1,1 (default: eval.fractions)")
+    ev.add_argument("--fractions", default=None, help="label fractions of every protocol, e.g. 0.01,0.1,1 "
+                                                      "(default: eval.fractions; fine-tuning: eval.fine_tune.fractions)")
     ev.add_argument("--seeds", default=None, help="evaluation seeds, e.g. 0,1,2 (default: eval.seeds)")
     ev.add_argument("--open-clip-config", default=None, help="an open_clip model config JSON for a custom MODEL")
     ev.add_argument("--results-dir", default=None, help="results root (default: ./results)")
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", default=None, help="folder to write (default: the configured synthetic root)")
     synth.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--difficulty", default="standard", choices=["easy", "standard", "hard"],
+                       help="how conspicuous findings are against the nuisance variation (default: standard)")
     synth.add_argument("--workers", type=positive_int, default=None, help="drawing processes (default: up to 4)")
     inspect = data_sub.add_parser("inspect", help="summarise a dataset root from its metadata files",
                                   description="Build DATASET's manifest from the metadata under --root and "
@@ -214,8 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     mask = sub.add_parser("mask", help="show what AttMIM and EntMLM hide for an image and a report",
                           description="Print REPORT with the EntMLM-masked words in [brackets] and its tagged "
                                       "entities; with an image, also write a PNG of the image, its AttMIM "
-                                      "score heat map and the chosen mask.",
-                          epilog="Without --checkpoint the scores come from an untrained model of --method.")
+                                      "score heat map and the chosen mask. With --dataset D --stats, measure "
+                                      "AttMIM's hit rate (the share of hidden patches on a finding), the share "
+                                      "of patches on a finding (random masking's expected hit rate) and their "
+                                      "ratio, the lift, over D's images with ground-truth finding masks.",
+                          epilog="Without --checkpoint the scores come from an untrained model of --method. "
+                                 "--stats pairs each image with --report, else its own report, else the prompt "
+                                 "written from its labels.")
     mask.add_argument("--report", default=None, help="report text (or --report-file; default: the sample's report)")
     mask.add_argument("--report-file", default=None, help="file holding the report text")
     mask.add_argument("--image", default=None, help="image file (DICOM, JPG, PNG)")
@@ -227,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--out", default="mask.png", help="PNG to write (default: mask.png)")
     mask.add_argument("--seed", type=int, default=0, help="seed of the random parts of the masks")
     mask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    mask.add_argument("--stats", action="store_true",
+                      help="with --dataset: hit rate, finding share and lift of AttMIM over the split's images "
+                           "that have ground-truth finding masks")
+    mask.add_argument("--split", default="test", choices=["test", "val", "train"], help="--stats split (default: test)")
+    mask.add_argument("--limit", type=positive_int, default=None,
+                      help="--stats: the first N images with ground truth (default: all)")
     mask.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (without --checkpoint)")
 
     profile = sub.add_parser(

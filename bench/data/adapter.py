@@ -49,7 +49,7 @@ def finding_task(labels: list[str], metric: str = "auc") -> Task:
 class Synthetic:
     """A dataset's copy in the built-in synthetic benchmark: the folder it is written to (named as the real
     download names it), how many items each size has, and the writer, `module:function` called as
-    `function(folder, count, seed, workers)` (named rather than imported, so that listing the adapters stays
+    `function(folder, count, seed, workers, difficulty)` (named rather than imported, so that listing the adapters stays
     instant)."""
 
     folder: str
@@ -109,6 +109,16 @@ class Adapter:
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         raise NotImplementedError
+
+    def finding_mask(self, row: Mapping[str, Any]) -> np.ndarray | None:
+        """Ground truth of where row's image shows findings: a bool mask at the image file's resolution (all
+        False for an image known to show none), or None where the dataset says nothing. `row` is a manifest
+        row (`sample_id`, `image_path`, ...). By default the synthetic generator's sidecar beside the image
+        (the union of its findings; `bench.data.finding_masks`); an adapter whose files carry annotations
+        (SIIM's RLE masks, RSNA's boxes) reads those instead."""
+        from bench.data.finding_masks import sidecar_mask
+
+        return sidecar_mask(row["image_path"])
 
     def require(self, *names: str) -> Path:
         """The first of `names` that exists under the root, or a clear error naming what is missing."""

@@ -28,7 +28,8 @@ class Batch:
     Masked modelling adds `masked_text`, the same rows with hidden pieces replaced by [MASK], and
     `mlm_labels`, the hidden pieces' ids (-100 elsewhere); `mlm_rows` are the text rows MLM may mask (the
     reports, not the prompts; None: every row), the only ones a method needs to encode masked. Fine-tuning batches carry `labels`, the task's
-    label vector per image."""
+    label vector per image; pretraining on labels (methods/supervised.py) carries them too, with `label_mask`
+    saying which of them count (an uncertain or unlabelled finding does not)."""
 
     images: torch.Tensor | None
     text: TextBatch | None
@@ -39,6 +40,7 @@ class Batch:
     mlm_labels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     mlm_rows: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def move(x):
@@ -46,7 +48,7 @@ class Batch:
 
         return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
                      move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels),
-                     move(self.mlm_rows))
+                     move(self.mlm_rows), move(self.label_mask))
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image rows, their text rows) of the samples that have both."""

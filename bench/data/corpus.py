@@ -4,6 +4,11 @@ image), mixed in every batch at a configured ratio.
 
 A batch's rows are ordered paired, image-only, text-only. `Batch.images` holds the rows that have an
 image, `Batch.text` the rows that have text, and `Batch.image_text` links each image to its text row.
+
+Pairing `shuffled` (the negative control of image-text methods) gives each paired image the report of another
+sample instead of its own: a derangement drawn afresh every epoch from (seed, epoch) alone, so a resumed run and
+any number of loader workers see the same pairs, and no image meets a report equal to its own (one study's
+several images share their report, so an index derangement alone would leave them matched).
 """
 from __future__ import annotations
 
@@ -28,11 +33,14 @@ Tokenize = Callable[[list[str]], TextBatch]
 MaskTexts = Callable[[list[str], list[np.random.Generator], list[bool]], tuple[TextBatch, TextBatch, torch.Tensor]]
 
 KINDS = ("paired", "image_only", "text_only")
+PAIRINGS = ("matched", "shuffled")  # how the paired pool's reports meet its images (method.pairing)
+_PAIRING_STREAM = 1  # the spawn key of the pairing's random stream, apart from the per-item streams
 
 
 @dataclass
 class Pool:
-    """The samples of one kind: image paths and/or texts, ids, and for image-only samples their labels."""
+    """The samples of one kind: image paths and/or texts, ids, for image-only samples their labels, and for a
+    method trained on labels (methods/supervised.py) the values of its label heads."""
 
     kind: str
     sources: list[str]
@@ -40,6 +48,8 @@ class Pool:
     paths: list[str] | None = None
     texts: list[str] | None = None
     labels: pd.DataFrame | None = None  # image-only: label values (1, 0, -1, NaN) per sample
+    # [samples, heads] float32: 1 positive, 0 negative or not mentioned, -1 uncertain, NaN: not labelled by the source
+    head_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,23 +73,53 @@ def batch_composition(batch_size: int, mix: dict[str, float], sizes: dict[str, i
     return counts
 
 
+def derangement(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation p with groups[p[j]] != groups[j] for every j (so p[j] != j).
+
+    The groups are laid out one after another, in random order and each in random order, and every position
+    takes the partner `m` places on (cyclically), m the largest group's size: no group spans m positions, so
+    none meets itself, as long as m is at most half the samples. With singleton groups this is a uniformly
+    random cycle through all samples."""
+    n = len(groups)
+    sizes = np.bincount(groups)
+    shift = int(sizes.max()) if n else 0
+    if n < 2 or 2 * shift > n:
+        raise UserError(f"shuffled pairing: {n} paired samples, {shift} of them sharing one report; no pairing gives "
+                        f"every image another report (at most half may share one)")
+    order = np.lexsort((rng.random(n), rng.permutation(len(sizes))[groups]))
+    partner = np.empty(n, dtype=np.int64)
+    partner[order] = order[(np.arange(n) + shift) % n]
+    return partner
+
+
 class PretrainCorpus(Dataset):
     """Pools concatenated in KINDS order. Item i of epoch e: (image tensor or None, text or None, sample id,
-    kind, per-item seed); augmentation and text masks depend only on (seed, e, i), so a resumed run sees the
-    same samples."""
+    kind, per-item seed, label-head values or None); augmentation and text masks depend only on (seed, e, i),
+    and the shuffled pairing on (seed, e), so a resumed run sees the same samples."""
 
     def __init__(self, pools: dict[str, Pool], preprocess: ImagePreprocessor, cache: ImageCache, seed: int,
-                 prompt: Callable[[dict], str] | None = None):
+                 prompt: Callable[[dict], str] | None = None, pairing: str = "matched"):
         if cache.size != preprocess.size:
             raise ValueError(f"image cache holds {cache.size}px squares, the model wants {preprocess.size}px")
+        if pairing not in PAIRINGS:
+            raise UserError(f"method.pairing={pairing!r}: expected one of {', '.join(PAIRINGS)}")
         self.pools = {k: pools[k] for k in KINDS if k in pools and len(pools[k])}
         self.sizes = {k: len(p) for k, p in self.pools.items()}
         starts = np.cumsum([0, *self.sizes.values()])
         self.offsets = dict(zip(self.pools, starts[:-1].tolist()))
         self.preprocess, self.cache, self.seed, self.prompt, self.epoch = preprocess, cache, seed, prompt, 0
+        self.pairing, self.partner = pairing, None
+        if pairing == "shuffled":
+            # equal reports are one group (a study's images share one): none may meet its own
+            reports = self.pools["paired"].texts if "paired" in self.pools else []
+            self.report_groups = pd.factorize(pd.Series(reports, dtype=object))[0]
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.pairing == "shuffled":  # drawn here, in the main process, and handed to every worker
+            stream = np.random.SeedSequence([self.seed, epoch], spawn_key=(_PAIRING_STREAM,))
+            self.partner = derangement(self.report_groups, np.random.default_rng(stream))
 
     def __len__(self) -> int:
         return sum(self.sizes.values())
@@ -90,7 +130,7 @@ class PretrainCorpus(Dataset):
                 return kind, i - self.offsets[kind]
         raise IndexError(i)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None, str, str, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None, str, str, int, np.ndarray | None]:
         kind, j = self.locate(i)
         pool = self.pools[kind]
         item_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
@@ -99,9 +139,12 @@ class PretrainCorpus(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, i]) if self.preprocess.augment else None
             image = self.preprocess(self.cache.get(pool.paths[j]), rng)
         text = pool.texts[j] if pool.texts is not None else None
+        if kind == "paired" and self.partner is not None:
+            text = pool.texts[self.partner[j]]
         if kind == "image_only" and self.prompt is not None:
             text = self.prompt(pool.labels.iloc[j].to_dict())
-        return image, text, pool.ids[j], kind, item_seed
+        heads = pool.head_labels[j] if pool.head_labels is not None else None
+        return image, text, pool.ids[j], kind, item_seed, heads
 
 
 def _text_id(text: str) -> int:

@@ -32,16 +32,20 @@ def dataset_settings(cfg: DictConfig, name: str) -> DictConfig:
 def dataset_identity(cfg: DictConfig, name: str) -> dict:
     """What decides a dataset's samples: its settings, the corrupt-image policy, and, when it reads the
     synthetic copy (root null), the generator's parameters. Cache and split folders are left out."""
-    from bench.data.synth import GENERATOR_VERSION
+    from bench.data.synth import GENERATOR_VERSION, generated_with
 
     settings = to_plain(dataset_settings(cfg, name))
     out = {"dataset": name, "settings": settings, "corrupt_images": cfg.data.corrupt_images}
     if settings.get("root") is None:
-        size = cfg.data.synthetic.size
+        syn = cfg.data.synthetic
         owner = DATASETS.get(name).settings_owner()
         counts = owner.synthetic.counts if owner.synthetic is not None else {}
-        out["synthetic"] = {"size": size, "seed": cfg.data.synthetic.seed, "generator_version": GENERATOR_VERSION,
-                            "count": counts.get(size)}
+        # what made the folder, when it exists (an older generator's folder is read as it is)
+        found = generated_with(Path(os.path.expanduser(syn.root))) or {}
+        out["synthetic"] = {"size": syn.size, "seed": syn.seed,
+                            "generator_version": found.get("generator_version", GENERATOR_VERSION),
+                            "difficulty": found.get("difficulty", syn.difficulty) if found else syn.difficulty,
+                            "count": found.get("counts", {}).get(owner.name, counts.get(syn.size))}
     return out
 
 
@@ -53,7 +57,7 @@ def dataset_root(cfg: DictConfig, name: str) -> Path:
     from bench.data.synth import dataset_dir, ensure_synthetic
 
     syn = cfg.data.synthetic
-    root = ensure_synthetic(Path(os.path.expanduser(syn.root)), syn.size, int(syn.seed))
+    root = ensure_synthetic(Path(os.path.expanduser(syn.root)), syn.size, int(syn.seed), difficulty=syn.difficulty)
     return root / dataset_dir(name)
 
 

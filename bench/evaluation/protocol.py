@@ -71,6 +71,13 @@ class Protocol:
         return cls.name.replace("-", "_")
 
     @classmethod
+    def fractions(cls, cfg: DictConfig) -> list[float]:
+        """The label fractions it runs at: its own section's `fractions` where that is set (not null), else
+        eval.fractions. (Fine-tuning's default keeps the main job short; see its `defaults`.)"""
+        own = cfg.eval.get(cls.section(), {}).get("fractions")
+        return [float(f) for f in (cfg.eval.fractions if own is None else own)]
+
+    @classmethod
     def jobs(cls, fractions: Sequence[float], seeds: Sequence[int]) -> list[tuple[float, int]]:
         """(label fraction, evaluation seed) of every record it makes for one model and dataset, given the
         configured label fractions and evaluation seeds. A protocol that fits no labels draws nothing, so it is

@@ -76,6 +76,7 @@ RULES: dict[str, Check] = {
     "data.corpus.mix.text_only": number(0),
     "data.synthetic.size": one_of(("tiny", "small", "medium")),
     "data.synthetic.seed": integer(0),
+    "data.synthetic.difficulty": one_of(("easy", "standard", "hard")),
     "data.synthetic.root": text(),
     "data.splits_dir": text(),
     "data.cache_dir": text(null=True),

@@ -48,7 +48,8 @@ def evaluation_plan(cfg: DictConfig, subject: Subject, joint_space: bool) -> lis
     keys = []
     for dataset in cfg.eval.datasets:
         for protocol in evaluation_protocols(cfg, joint_space):
-            for fraction, seed in PROTOCOLS.get(protocol).jobs(cfg.eval.fractions, cfg.eval.seeds):
+            runs = PROTOCOLS.get(protocol)
+            for fraction, seed in runs.jobs(runs.fractions(cfg), cfg.eval.seeds):
                 keys.append(RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
                                       dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset)))
     return keys

@@ -22,13 +22,16 @@ def config_hash(cfg: DictConfig) -> str:
 
 def corpus_sources(cfg: DictConfig) -> dict[str, list[str]]:
     """The pretraining sources this method reads, by kind: always the paired ones; the image-only and
-    text-only ones only for a method with `unpaired: true`."""
+    text-only ones only for a method with `unpaired: true`, and no text-only ones for a method trained on
+    labels (`method.labels`: a row without an image holds nothing it learns from)."""
     corpus = cfg.data.corpus
     sources = {"paired": list(corpus.paired)}
     if not sources["paired"]:
         raise UserError("data.corpus.paired is empty: pretraining needs at least one paired image-report source")
     if cfg.method.get("unpaired", False):
-        sources.update(image_only=list(corpus.image_only), text_only=list(corpus.text_only))
+        sources["image_only"] = list(corpus.image_only)
+        if not cfg.method.get("labels"):
+            sources["text_only"] = list(corpus.text_only)
     return sources
 
 
@@ -54,5 +57,5 @@ def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:
     e = to_plain(cfg.eval)
     sections = {cls.section() for cls in PROTOCOLS.classes()}
     shared = {k: v for k, v in e.items() if k not in EVAL_SCHEDULE and k not in sections}
-    return stable_hash({"protocol": protocol, "shared": shared, "own": e.get(PROTOCOLS.get(protocol).section(), {}),
-                        "data": dataset_identity(cfg, dataset)})
+    own = {k: v for k, v in e.get(PROTOCOLS.get(protocol).section(), {}).items() if k != "fractions"}  # which records
+    return stable_hash({"protocol": protocol, "shared": shared, "own": own, "data": dataset_identity(cfg, dataset)})

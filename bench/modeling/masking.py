@@ -2,8 +2,9 @@
 
 Image (AttMIM and random): `select_patches` takes, per sample, the top-scoring patches for `attention_share`
 of the mask and uniformly random other patches for the rest; every sample keeps at least `min_visible`
-patches. Text (EntMLM and random): `TextMasker` hides every word-piece of chosen entity spans, or random whole
-words, and returns MLM labels for the hidden pieces.
+patches; `hit_rate` measures how often such masks hide findings (ground truth: `bench.data.finding_masks`).
+Text (EntMLM and random): `TextMasker` hides every word-piece of chosen entity spans, or random whole words,
+and returns MLM labels for the hidden pieces.
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ def mask_counts(num_patches: int, ratio: float, share: float, min_visible: int) 
 
 
 def select_patches(scores: torch.Tensor | None, batch: int, num_patches: int, ratio: float, share: float,
-                   min_visible: int, device: torch.device | str = "cpu") -> PatchMask:
+                   min_visible: int, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> PatchMask:
     """Hide the `share` of the mask with the highest `scores` ([B, N]; None = no scores, all random) and fill
     the rest of the mask uniformly at random from the other patches. Random draws use torch's global RNG,
-    which the trainer checkpoints, so a resumed run draws the same masks."""
+    which the trainer checkpoints, so a resumed run draws the same masks; a probe passes its own `generator`
+    (on `device`), so measuring the masks never moves training's stream."""
     hidden, by_score = mask_counts(num_patches, ratio, share if scores is not None else 0.0, min_visible)
-    noise = torch.rand(batch, num_patches, device=device)
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
     if by_score:
         top = scores.float().topk(by_score, dim=1).indices
         noise.scatter_(1, top, -1.0)  # below every uniform draw: sorted first, so always hidden
@@ -53,6 +56,43 @@ def select_patches(scores: torch.Tensor | None, batch: int, num_patches: int, ra
     masked.scatter_(1, order[:, :hidden], True)
     keep = order[:, hidden:].sort(dim=1).values
     return PatchMask(keep, masked)
+
+
+@dataclass(frozen=True)
+class HitRate:
+    """How often a patch mask hides findings, over a set of images (see `hit_rate`)."""
+
+    hit_rate: float | None       # share of the hidden patches that are on a finding
+    finding_share: float | None  # the hit rate a uniformly random mask of the same sizes has, in expectation
+    lift: float | None           # hit_rate / finding_share: 1 = no better than random masking
+    images: int
+    hidden: int                  # hidden patches, all images together
+    hits: int                    # of which on a finding
+
+    def metrics(self, prefix: str = "") -> dict[str, float | None]:
+        return {f"{prefix}hit_rate": self.hit_rate, f"{prefix}finding_share": self.finding_share,
+                f"{prefix}lift": self.lift}
+
+
+def hit_rate(masked: torch.Tensor, on_finding: torch.Tensor) -> HitRate:
+    """AttMIM's hit rate and its lift over random masking, pooled per hidden patch over the images.
+
+    With m_b the hidden patches of image b, f_b its patches on a finding and N patches per image:
+    hit rate = sum_b |m_b & f_b| / sum_b |m_b|; finding share = sum_b |m_b| (|f_b| / N) / sum_b |m_b|, the
+    expected hit rate of masks drawn uniformly at random with the same number hidden per image (every
+    `select_patches` mask hides the same number, so this is the mean share of patches on a finding,
+    sum_b |f_b| / (B N)); lift = hit rate / finding share. None where a ratio has a zero denominator (no
+    hidden patch; no finding in any image)."""
+    masked, on_finding = torch.as_tensor(masked, dtype=torch.bool), torch.as_tensor(on_finding, dtype=torch.bool)
+    if masked.shape != on_finding.shape or masked.ndim != 2:
+        raise ValueError(f"masked {tuple(masked.shape)} and on_finding {tuple(on_finding.shape)} must both be [B, N]")
+    per_image = masked.sum(1).double()
+    hidden, hits = int(per_image.sum()), int((masked & on_finding).sum())
+    expected = float((per_image * on_finding.double().mean(1)).sum())
+    rate = hits / hidden if hidden else None
+    share = expected / hidden if hidden else None
+    lift = rate / share if rate is not None and share else None
+    return HitRate(rate, share, lift, int(masked.shape[0]), hidden, hits)
 
 
 STRATEGIES = ("entity", "random-matched", "random")

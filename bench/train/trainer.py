@@ -39,6 +39,17 @@ class Validation(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Monitor(Protocol):
+    """A measurement taken every `every` optimiser steps (0 = never) on the main process, whose values join that
+    step's row of metrics.jsonl (e.g. AttMIM's hit rate). The trainer runs it in eval mode without gradient,
+    under training's autocast, then restores every module's mode and the random streams: it cannot change what
+    is trained."""
+
+    every: int
+
+    def __call__(self, method: Method) -> dict[str, float | None]: ...
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -114,10 +125,11 @@ class Trainer:
         self.dtype = autocast_dtype(cfg.precision, device)
 
     def fit(self, method: Method, dataset: PretrainCorpus, collate, sampler: MixedBatchSampler, seed: int,
-            validation: Validation | None = None) -> Path:
+            validation: Validation | None = None, monitor: Monitor | None = None) -> Path:
         """Train until the configured end, resuming from `run_dir/checkpoint.pt` when present.
         With `validation`, it is called after every epoch (and checkpointed with the weights), and training
-        stops early once its `stop` is set. Returns the path of the final weights.
+        stops early once its `stop` is set. With `monitor`, its values are logged every `monitor.every` steps.
+        Returns the path of the final weights.
 
         Under torchrun every rank calls this with the same arguments: `sampler`'s batches are global, each
         rank trains on its share of them, and only rank 0 writes files."""
@@ -135,13 +147,13 @@ class Trainer:
         model, optimizer = self.setup(method)
         try:
             return self._fit(method, model, optimizer, dataset, collate, sampler, seed, validation, total,
-                             steps_per_epoch)
+                             steps_per_epoch, monitor)
         finally:
             self.speed.take_off(method)
 
     def _fit(self, method: Method, model: torch.nn.Module, optimizer, dataset: PretrainCorpus, collate,
              sampler: MixedBatchSampler, seed: int, validation: Validation | None, total: int,
-             steps_per_epoch: int) -> Path:
+             steps_per_epoch: int, monitor: Monitor | None = None) -> Path:
         cfg, final = self.cfg, self.run_dir / FINAL
         if distributed.world_size() > 1:
             # ranks must not draw the same masks and dropout; a single process keeps the stream it was given
@@ -166,6 +178,8 @@ class Trainer:
                     seconds = time.perf_counter() - t0
                     row = {"step": step, "epoch": epoch, "lr": schedule.get_last_lr()[0],
                            "images_per_s": n_images / seconds, **parts}
+                    if main and monitor is not None and monitor.every and step % monitor.every == 0:
+                        row.update(self.measure(method, monitor))
                     if log is not None:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
@@ -194,6 +208,21 @@ class Trainer:
             atomic_torch_save(final, {"model": method.state_dict(), "step": step})
         distributed.barrier()  # every rank reads the final (and checkpoint, best) weights next
         return final
+
+    def measure(self, method: Method, monitor: Monitor) -> dict[str, float | None]:
+        """`monitor(method)` in eval mode, without gradient, under training's autocast; every module's mode and
+        every random stream are as they were afterwards (a monitor should draw from its own generator; this
+        makes sure one that does not still leaves training as it was)."""
+        rng, modes = _rng_state(), [(m, m.training) for m in method.modules()]
+        method.eval()
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                                 enabled=self.dtype is not None):
+                return monitor(method)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+            _set_rng_state(rng)
 
     def setup(self, method: Method) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """`method` on the device with the speed switches on (`self.speed.take_off` removes them), the module

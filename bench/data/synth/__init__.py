@@ -13,10 +13,17 @@ from pathlib import Path
 
 from bench.core.errors import UserError
 from bench.core.io import atomic_write_text
+from bench.data.synth.drawing import DIFFICULTIES
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6  # 6: findings told by shape and texture under nuisance, difficulty levels, ground-truth sidecars
 SIZES = ("tiny", "small", "medium")
 MARKER = "synthetic.json"
+
+
+def folder_name(size: str, seed: int, difficulty: str) -> str:
+    """The default folder of a benchmark (configs/data/default.yaml writes the same): a new generator version
+    writes under a new name, so the folders older versions made are never overwritten."""
+    return f"synthetic-v{GENERATOR_VERSION}-{difficulty}-{size}-{seed}"
 
 
 def synthetic_adapters() -> list:
@@ -37,29 +44,36 @@ def dataset_dir(name: str) -> str:
     return owner.synthetic.folder
 
 
-def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = None) -> Path:
-    """Generate the benchmark under `root` unless a complete one with the same parameters is there.
+def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = None, difficulty: str = "standard"
+                     ) -> Path:
+    """Generate the benchmark under `root` unless a complete one with the same parameters is there. A folder
+    an older generator made with the same size and seed is read as it is (its marker says which version made
+    it); a new version writes only under a new name (the default root names the version).
 
     Generation happens in a temporary sibling folder that is renamed into place at the end, so a killed
     generation leaves nothing half-written behind and two processes never see a partial tree.
     """
     if size not in SIZES:
         raise UserError(f"unknown synthetic size {size!r}; valid sizes: {', '.join(SIZES)}")
+    if difficulty not in DIFFICULTIES:
+        raise UserError(f"unknown synthetic difficulty {difficulty!r}; valid: {', '.join(DIFFICULTIES)}")
     adapters = synthetic_adapters()
-    params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed,
+    params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed, "difficulty": difficulty,
               "counts": {cls.name: cls.synthetic.counts[size] for cls in adapters}}
     marker = root / MARKER
     workers = workers or min(4, os.cpu_count() or 1)
     if marker.exists():
         found = json.loads(marker.read_text())
         counts = found.get("counts", {})
+        if found.get("generator_version", 0) < GENERATOR_VERSION:  # an older benchmark: readable, never rewritten
+            same = (found.get("size"), found.get("seed")) == (size, seed)
+            return root if same and all(n in counts for n in params["counts"]) else _refuse(root, found, params)
         same = {k: v for k, v in found.items() if k != "counts"} == {k: v for k, v in params.items() if k != "counts"}
         if not same or any(counts.get(name, n) != n for name, n in params["counts"].items()):
-            raise UserError(f"{root} holds a synthetic benchmark made with {found}, not {params}; "
-                            f"choose another data.synthetic.root or delete it")
+            _refuse(root, found, params)
         for cls in adapters:  # a dataset registered since: its copy joins the benchmark, the others stay as they are
             if cls.name not in counts:
-                _add_dataset(root, cls, size, seed, workers)
+                _add_dataset(root, cls, size, seed, workers, difficulty)
         return root
     if root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another data.synthetic.root")
@@ -67,7 +81,7 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         for cls in adapters:
-            _write(cls, staging / cls.synthetic.folder, size, seed, workers)
+            _write(cls, staging / cls.synthetic.folder, size, seed, workers, difficulty)
         (staging / MARKER).write_text(json.dumps(params))
         if root.exists():
             root.rmdir()
@@ -80,20 +94,31 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     return root
 
 
-def _write(adapter, folder: Path, size: str, seed: int, workers: int) -> None:
+def generated_with(root: Path) -> dict | None:
+    """The parameters the benchmark under `root` was generated with (its marker), or None."""
+    marker = root / MARKER
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _refuse(root: Path, found: dict, params: dict):
+    raise UserError(f"{root} holds a synthetic benchmark made with {found}, not {params}; "
+                    f"choose another data.synthetic.root or delete it")
+
+
+def _write(adapter, folder: Path, size: str, seed: int, workers: int, difficulty: str) -> None:
     module, _, function = adapter.synthetic.writer.partition(":")
     write = getattr(importlib.import_module(module), function)
-    write(folder, adapter.synthetic.counts[size], seed, workers)
+    write(folder, adapter.synthetic.counts[size], seed, workers, difficulty)
 
 
-def _add_dataset(root: Path, adapter, size: str, seed: int, workers: int) -> None:
+def _add_dataset(root: Path, adapter, size: str, seed: int, workers: int, difficulty: str) -> None:
     """Write one more dataset's copy into an existing benchmark (staged, then renamed into place) and record
     it in the marker."""
     target = root / adapter.synthetic.folder
     if not target.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{adapter.synthetic.folder}-", dir=root))
         try:
-            _write(adapter, staging / "copy", size, seed, workers)
+            _write(adapter, staging / "copy", size, seed, workers, difficulty)
             os.replace(staging / "copy", target)
         except OSError:
             if not target.exists():  # not another process that finished first

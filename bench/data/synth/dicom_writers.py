@@ -19,14 +19,15 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy import ndimage
 
 from bench.data.rle import rle_encode
+from bench.data.finding_masks import write_sidecar
 from bench.data.synth.drawing import draw_frontal
 from bench.data.synth.findings import Finding, Patient, sample_patient
-from bench.data.synth.writers import _rng, _write_csv
+from bench.data.synth.writers import _rng, _write_csv, hashed_split, intended_split
 
-SIZE = 160  # both sets are square (1024 px); small here so a tiny benchmark generates in seconds
+SIZE = 128  # both sets are square (1024 px); small here so a benchmark generates in seconds
 UID_ROOT = "1.2.276.0.7230010.3.1"  # the anonymiser's root: .2 study, .3 series, .4 instance
 STUDY_DATE = "19010101"  # an anonymised placeholder, never the clock
-RSNA_OPACITIES = ("Pneumonia", "Consolidation")  # what RSNA's readers boxed as "Lung Opacity"
+RSNA_OPACITIES = ("Pneumonia", "Consolidation", "COVID-19")  # what RSNA's readers boxed as "Lung Opacity"
 SIIM_POSITIVE_SHARE = 0.28  # above the population's prevalence, as in SIIM (about 22% positive)
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -92,6 +93,7 @@ class Case:
     patient: Patient
     pixels: np.ndarray
     mask: np.ndarray  # RSNA: airspace opacity; SIIM: pneumothorax
+    findings: dict  # finding name -> where it was drawn (the ground-truth sidecar)
     patient_id: str
     uids: tuple[str, str, str]  # study, series, instance
 
@@ -107,25 +109,27 @@ def _patient_uuid(rng: np.random.Generator) -> str:
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
 
 
-def _draw(patient: Patient, rng: np.random.Generator, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _draw(patient: Patient, rng: np.random.Generator, key: str, difficulty: str) -> tuple[np.ndarray, np.ndarray, dict]:
     annotations: dict = {}
-    pixels = draw_frontal(patient, rng, SIZE, SIZE, annotations)
-    return pixels, annotations[key]
+    pixels = draw_frontal(patient, rng, SIZE, SIZE, annotations, difficulty)
+    return pixels, annotations[key], annotations["findings"]
 
 
-def rsna_case(seed: int, i: int) -> Case:
+def rsna_case(seed: int, i: int, difficulty: str = "standard") -> Case:
     """The i-th RSNA patient: Target 1 exactly when an airspace opacity shows in the drawn pixels."""
     rng = _rng(seed, "rsna", i)
     patient_id = _patient_uuid(rng)
+    while hashed_split("rsna", patient_id) != intended_split(i):
+        patient_id = _patient_uuid(rng)
     uids = _uids(rng, i)
     patient = sample_patient(rng)
-    pixels, mask = _draw(patient, rng, "opacity")
+    pixels, mask, drawn = _draw(patient, rng, "opacity", difficulty)
     if not mask.any() and any(name in patient.findings for name in RSNA_OPACITIES):
         # too faint to show: redraw without it, so the label follows the pixels
         for name in RSNA_OPACITIES:
             patient.findings.pop(name, None)
-        pixels, mask = _draw(patient, rng, "opacity")
-    return Case(patient, pixels, mask, patient_id, uids)
+        pixels, mask, drawn = _draw(patient, rng, "opacity", difficulty)
+    return Case(patient, pixels, mask, drawn, patient_id, uids)
 
 
 def boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -135,11 +139,13 @@ def boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
             for s in ndimage.find_objects(labelled)]
 
 
-def _rsna_item(args: tuple[Path, int, int]) -> list[list]:
-    root, seed, i = args
-    case = rsna_case(seed, i)
+def _rsna_item(args: tuple[Path, int, int, str]) -> list[list]:
+    root, seed, i, difficulty = args
+    case = rsna_case(seed, i, difficulty)
     study, series, sop = case.uids
-    write_dicom(root / "stage_2_train_images" / f"{case.patient_id}.dcm", case.pixels, patient_id=case.patient_id,
+    path = root / "stage_2_train_images" / f"{case.patient_id}.dcm"
+    write_sidecar(path, case.findings)
+    write_dicom(path, case.pixels, patient_id=case.patient_id,
                 sop_uid=sop, study_uid=study, series_uid=series, monochrome1=_monochrome1(i),
                 bits_stored=12 if _twelve_bit(i) else 8, sex=case.patient.sex, age=case.patient.age)
     found = boxes(case.mask)
@@ -149,40 +155,45 @@ def _rsna_item(args: tuple[Path, int, int]) -> list[list]:
     return [[case.patient_id, *(f"{v:.1f}" for v in box), 1, "Lung Opacity"] for box in found]
 
 
-def write_rsna(root: Path, n: int, seed: int, workers: int) -> None:
+def write_rsna(root: Path, n: int, seed: int, workers: int, difficulty: str = "standard") -> None:
     """stage_2_train_labels.csv (a row per box; blank boxes for Target 0), the row-aligned
     stage_2_detailed_class_info.csv and stage_2_train_images/<patientId>.dcm."""
-    root.mkdir(parents=True, exist_ok=True)
+    (root / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        rows = [row for item in pool.map(_rsna_item, [(root, seed, i) for i in range(n)], chunksize=8)
+        rows = [row for item in pool.map(_rsna_item, [(root, seed, i, difficulty) for i in range(n)], chunksize=8)
                 for row in item]
     _write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"],
                [row[:6] for row in rows])
     _write_csv(root / "stage_2_detailed_class_info.csv", ["patientId", "class"], [[row[0], row[6]] for row in rows])
 
 
-def siim_case(seed: int, i: int) -> Case:
+def siim_case(seed: int, i: int, difficulty: str = "standard") -> Case:
     """The i-th SIIM image: positive exactly when a pneumothorax shows in the drawn pixels."""
     rng = _rng(seed, "siim", i)
     patient_id = _patient_uuid(rng)
     uids = _uids(rng, i)
+    while hashed_split("siim", uids[2]) != intended_split(i):  # SIIM's split hashes the ImageId
+        uids = _uids(rng, i)
     patient = sample_patient(rng)
     patient.findings.pop("Pneumothorax", None)
     if rng.random() < SIIM_POSITIVE_SHARE:
         side = str(rng.choice(["right", "left", "bilateral"], p=[0.45, 0.45, 0.1]))
         patient.findings["Pneumothorax"] = Finding("Pneumothorax", side, "upper", int(rng.integers(1, 4)))
-    pixels, mask = _draw(patient, rng, "pneumothorax")
+    pixels, mask, drawn = _draw(patient, rng, "pneumothorax", difficulty)
     if "Pneumothorax" in patient.findings and not mask.any():
         del patient.findings["Pneumothorax"]
-        pixels, mask = _draw(patient, rng, "pneumothorax")
-    return Case(patient, pixels, mask, patient_id, uids)
+        pixels, mask, drawn = _draw(patient, rng, "pneumothorax", difficulty)
+    return Case(patient, pixels, mask, drawn, patient_id, uids)
 
 
-def _siim_item(args: tuple[Path, int, int]) -> list[list[str]]:
-    root, seed, i = args
-    case = siim_case(seed, i)
+def _siim_item(args: tuple[Path, int, int, str]) -> list[list[str]]:
+    root, seed, i, difficulty = args
+    case = siim_case(seed, i, difficulty)
     study, series, sop = case.uids
-    write_dicom(root / "dicom-images-train" / study / series / f"{sop}.dcm", case.pixels, patient_id=case.patient_id,
+    path = root / "dicom-images-train" / study / series / f"{sop}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_sidecar(path, case.findings)
+    write_dicom(path, case.pixels, patient_id=case.patient_id,
                 sop_uid=sop, study_uid=study, series_uid=series, monochrome1=_monochrome1(i),
                 bits_stored=12 if _twelve_bit(i) else 8, sex=case.patient.sex, age=case.patient.age)
     labelled, count = ndimage.label(case.mask, structure=EIGHT_CONNECTED)
@@ -192,11 +203,11 @@ def _siim_item(args: tuple[Path, int, int]) -> list[list[str]]:
     return [[sop, " " + rle_encode(labelled == k)] for k in range(1, count + 1)]
 
 
-def write_siim(root: Path, n: int, seed: int, workers: int) -> None:
+def write_siim(root: Path, n: int, seed: int, workers: int, difficulty: str = "standard") -> None:
     """train-rle.csv (`ImageId, EncodedPixels`, a row per mask component, ` -1` for negatives) and
     dicom-images-train/<StudyUID>/<SeriesUID>/<ImageId>.dcm."""
     root.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        rows = [row for item in pool.map(_siim_item, [(root, seed, i) for i in range(n)], chunksize=8)
+        rows = [row for item in pool.map(_siim_item, [(root, seed, i, difficulty) for i in range(n)], chunksize=8)
                 for row in item]
     _write_csv(root / "train-rle.csv", ["ImageId", " EncodedPixels"], rows)  # the space is in the real header

@@ -18,16 +18,16 @@ CHEXPERT_LABELS = [
 
 # finding -> prevalence in the synthetic population
 PREVALENCE = {
-    "Cardiomegaly": 0.25, "Pleural Effusion": 0.25, "Consolidation": 0.15, "Pneumonia": 0.10,
-    "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.15, "Lung Lesion": 0.10,
-    "Enlarged Cardiomediastinum": 0.08, "Support Devices": 0.20, "Fracture": 0.05, "Pleural Other": 0.05,
-    # findings outside the CheXpert labels that ChestX-ray14 names
-    "Emphysema": 0.05, "Fibrosis": 0.04, "Hernia": 0.03, "Infiltration": 0.08,
+    "Cardiomegaly": 0.25, "Pleural Effusion": 0.25, "Consolidation": 0.2, "Pneumonia": 0.2,
+    "Edema": 0.15, "Atelectasis": 0.20, "Pneumothorax": 0.3, "Lung Lesion": 0.12,
+    "Enlarged Cardiomediastinum": 0.08, "Support Devices": 0.1, "Fracture": 0.05, "Pleural Other": 0.06,
+    # findings outside the CheXpert labels that ChestX-ray14 names, and COVID-19's ground glass (COVIDx)
+    "Emphysema": 0.08, "Fibrosis": 0.08, "Hernia": 0.05, "Infiltration": 0.1, "COVID-19": 0.1,
 }
 # findings outside the 14 CheXpert observations, and the observation the CheXpert labeler files them under
 # (None: none of the 14, but still not "No Finding"); Lung Opacity is derived below
-CHEXPERT_AS = {"Fibrosis": "Pleural Other", "Infiltration": None, "COVID-19": None, "Emphysema": None,
-               "Hernia": None}
+CHEXPERT_AS = {"Fibrosis": "Pleural Other", "Infiltration": None, "COVID-19": "Pneumonia", "Emphysema": None,
+               "Hernia": None}  # COVID-19's report says "covid-19 pneumonia", which the labeler files as Pneumonia
 NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 NIH_FROM = {"Effusion": "Pleural Effusion", "Pleural_Thickening": "Pleural Other", "Mass": "Lung Lesion",
@@ -123,7 +123,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         side = str(rng.choice(["right", "left", "bilateral"] if name in ("Pleural Effusion", "Atelectasis")
                               else ["right", "left"]))
         if name in ("Edema", "Cardiomegaly", "Enlarged Cardiomediastinum", "Support Devices", "Emphysema",
-                    "Fibrosis", "Hernia"):
+                    "Fibrosis", "Hernia", "COVID-19"):
             side = "bilateral"
         zone = str(rng.choice(["upper", "lower"])) if name == "Consolidation" else \
             str(rng.choice(["upper", "mid", "lower"])) if name == "Lung Lesion" else \

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.data.finding_masks import write_sidecar
 from bench.data.synth.drawing import draw_frontal
 from bench.data.synth.findings import COVIDX_CLASSES, Patient, sample_covidx_patient, sample_patient
-from bench.data.synth.writers import _rng
+from bench.data.synth.writers import TEST_SHARE, _rng, intended_split
 
 # COVIDx pools many sources, so its images come in several sizes
-COVIDX_SIZES = ((192, 176), (176, 176), (200, 168), (168, 192))
+COVIDX_SIZES = ((128, 116), (116, 116), (132, 112), (112, 128))
 # (split -> label file) for the two class vocabularies COVIDx has shipped
 COVIDX_FILES = {
     "3-class": {"train": "train_COVIDx9A.txt", "test": "test_COVIDx9A.txt"},
@@ -31,9 +32,8 @@ COVIDX_SOURCES = {"normal": ("rsna", "actmed"), "pneumonia": ("rsna", "cohen"),
                   "COVID-19": ("ricord", "bimcv", "sirm", "cohen", "actmed")}
 TWO_IMAGE_SHARE = 0.25
 
-NIH_SIZE = 176
+NIH_SIZE = 128
 NIH_FOLDER_CAP = 300  # the real download puts 10,000 images in each images_NNN/ folder
-NIH_TEST_SHARE = 0.23  # test_list.txt holds 25,596 of 112,120 images
 NIH_SPACINGS = (0.143, 0.168, 0.139)
 
 
@@ -43,15 +43,20 @@ def covidx_class(index: int, vocabulary: str) -> str:
 
 
 def covidx_split(index: int, vocabulary: str) -> str:
-    # five is coprime with both class cycles, so every split gets every class
-    return {3: "val" if vocabulary == "binary" else "train", 4: "test"}.get(index % 5, "train")
+    """The file patient `index` is listed in. The split follows the golden-ratio sequence, which is
+    independent of the class cycles, so every split gets every class; the 3-class files have no val."""
+    split = intended_split(index)
+    return "train" if split == "val" and vocabulary == "3-class" else split
 
 
-def covidx_image(seed: int, index: int, image: int, cls: str) -> np.ndarray:
-    """Image `image` of COVIDx patient `index`, drawn for class `cls`."""
+def covidx_image(seed: int, index: int, image: int, cls: str, difficulty: str = "standard"
+                 ) -> tuple[np.ndarray, dict]:
+    """Image `image` of COVIDx patient `index`, drawn for class `cls`, and where its findings were drawn."""
     rng = _rng(seed, "covidx", 4 * index + image)
     height, width = COVIDX_SIZES[int(rng.integers(len(COVIDX_SIZES)))]
-    return draw_frontal(sample_covidx_patient(rng, cls), rng, height, width)
+    annotations: dict = {}
+    pixels = draw_frontal(sample_covidx_patient(rng, cls), rng, height, width, annotations, difficulty)
+    return pixels, annotations["findings"]
 
 
 def _covidx_names(rng: np.random.Generator, index: int, source: str, count: int) -> tuple[str, list[str]]:
@@ -76,8 +81,8 @@ def _covidx_names(rng: np.random.Generator, index: int, source: str, count: int)
     return pid, [f"{pid}{'-' + str(k) if k else ''}.jpg" for k in range(count)]
 
 
-def _covidx_patient(args: tuple[Path, int, int, str]) -> tuple[str, list[str]]:
-    root, seed, index, vocabulary = args
+def _covidx_patient(args: tuple[Path, int, int, str, str]) -> tuple[str, list[str]]:
+    root, seed, index, vocabulary, difficulty = args
     rng = _rng(seed, "covidx-patient", index)
     cls = covidx_class(index, vocabulary)
     sources = COVIDX_SOURCES[cls]
@@ -87,8 +92,9 @@ def _covidx_patient(args: tuple[Path, int, int, str]) -> tuple[str, list[str]]:
     split = covidx_split(index, vocabulary)
     label = cls if vocabulary == "3-class" else "positive" if cls == "COVID-19" else "negative"
     for image, name in enumerate(names):
-        pixels = covidx_image(seed, index, image, cls)
+        pixels, drawn = covidx_image(seed, index, image, cls, difficulty)
         path = root / split / name
+        write_sidecar(path, drawn)
         if name.endswith(".png"):
             Image.fromarray(pixels).save(path)
         else:  # the web-scraped JPEGs are often RGB
@@ -96,7 +102,8 @@ def _covidx_patient(args: tuple[Path, int, int, str]) -> tuple[str, list[str]]:
     return split, [f"{pid} {name} {label} {source}" for name in names]
 
 
-def write_covidx(root: Path, n: int, seed: int, workers: int, vocabulary: str = "3-class") -> None:
+def write_covidx(root: Path, n: int, seed: int, workers: int, difficulty: str = "standard",
+                 vocabulary: str = "3-class") -> None:
     """`n` patients (a quarter of them with two images) in COVIDx's headerless space-separated label files.
 
     `3-class` writes the V9A pair `train_COVIDx9A.txt`/`test_COVIDx9A.txt` (normal/pneumonia/COVID-19);
@@ -108,7 +115,7 @@ def write_covidx(root: Path, n: int, seed: int, workers: int, vocabulary: str = 
     for split in files:
         (root / split).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        patients = list(pool.map(_covidx_patient, [(root, seed, i, vocabulary) for i in range(n)], chunksize=8))
+        patients = list(pool.map(_covidx_patient, [(root, seed, i, vocabulary, difficulty) for i in range(n)], chunksize=8))
     for split, file in files.items():
         lines = [line for part, rows in patients if part == split for line in rows]
         (root / file).write_text("".join(f"{line}\n" for line in lines))
@@ -122,11 +129,13 @@ def nih_name(index: int, followup: int) -> str:
     return f"{index + 1:08d}_{followup:03d}.png"
 
 
-def nih_image(seed: int, index: int, followup: int) -> tuple[Patient, np.ndarray]:
-    """The findings and the picture of follow-up `followup` of NIH patient `index`."""
+def nih_image(seed: int, index: int, followup: int, difficulty: str = "standard") -> tuple[Patient, np.ndarray, dict]:
+    """The findings, the picture and where each finding was drawn, of follow-up `followup` of NIH patient `index`."""
     rng = _rng(seed, "nih", 4 * index + followup)
     patient = sample_patient(rng)
-    return patient, draw_frontal(patient, rng, NIH_SIZE, NIH_SIZE)
+    annotations: dict = {}
+    pixels = draw_frontal(patient, rng, NIH_SIZE, NIH_SIZE, annotations, difficulty)
+    return patient, pixels, annotations["findings"]
 
 
 def _save_nih_png(path: Path, pixels: np.ndarray, index: int, followup: int) -> None:
@@ -138,15 +147,16 @@ def _save_nih_png(path: Path, pixels: np.ndarray, index: int, followup: int) -> 
         Image.fromarray(pixels).save(path)
 
 
-def _nih_patient(args: tuple[Path, int, int, list[str]]) -> list[str]:
-    root, seed, index, folders = args
+def _nih_patient(args: tuple[Path, int, int, list[str], str]) -> list[str]:
+    root, seed, index, folders, difficulty = args
     rng = _rng(seed, "nih-demographics", index)
     sex, age = str(rng.choice(["M", "F"])), int(rng.integers(1, 95))
     rows = []
     for followup, folder in enumerate(folders):
-        patient, pixels = nih_image(seed, index, followup)
+        patient, pixels, drawn = nih_image(seed, index, followup, difficulty)
         name = nih_name(index, followup)
         _save_nih_png(root / folder / "images" / name, pixels, index, followup)
+        write_sidecar(root / folder / "images" / name, drawn)
         labels = "|".join(sorted(patient.nih_labels())) or "No Finding"  # the real file sorts them by name
         view = str(rng.choice(["PA", "AP"], p=[0.6, 0.4]))
         width, height = (int(v) for v in rng.integers(2000, 3056, 2))
@@ -156,7 +166,7 @@ def _nih_patient(args: tuple[Path, int, int, list[str]]) -> list[str]:
     return rows
 
 
-def write_nih(root: Path, n: int, seed: int, workers: int) -> None:
+def write_nih(root: Path, n: int, seed: int, workers: int, difficulty: str = "standard") -> None:
     """`n` patients with 1 to 3 follow-ups each: `Data_Entry_2017.csv` (bracketed header names holding
     commas, a trailing comma on every line), PNGs filling `images_001/images/`, `images_002/images/`, ...
     in order (at least two folders), and the patient-disjoint `train_val_list.txt`/`test_list.txt`."""
@@ -168,13 +178,13 @@ def write_nih(root: Path, n: int, seed: int, workers: int) -> None:
     for folder in sorted({f for fs in folders for f in fs}):
         (root / folder / "images").mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        rows = [r for part in pool.map(_nih_patient, [(root, seed, i, folders[i]) for i in range(n)], chunksize=8)
+        rows = [r for part in pool.map(_nih_patient, [(root, seed, i, folders[i], difficulty) for i in range(n)], chunksize=8)
                 for r in part]
     header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
     (root / "Data_Entry_2017.csv").write_text("".join(f"{line}\n" for line in [header, *rows]))
     order = _rng(seed, "nih-lists", 0).permutation(n)
-    test = set(order[:min(n - 1, max(1, round(NIH_TEST_SHARE * n)))].tolist())
+    test = set(order[:min(n - 1, max(1, round(TEST_SHARE * n)))].tolist())  # the real list: 23% of patients
     lists: dict[str, list[str]] = {"train_val_list.txt": [], "test_list.txt": []}
     for i, count in enumerate(counts):
         lists["test_list.txt" if i in test else "train_val_list.txt"] += [nih_name(i, k) for k in range(count)]
