@@ -10,6 +10,9 @@ this harness does not reproduce). Each patientId has exactly one image, so the s
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
@@ -54,7 +57,7 @@ class Rsna(Adapter):
             LABEL: positive.to_numpy(dtype=float),
         })
 
-    def finding_mask(self, row) -> np.ndarray | None:
+    def finding_mask(self, row: Mapping[str, Any]) -> np.ndarray | None:
         """The union of the patient's opacity boxes (x, y, width, height in the image's pixels), on the image
         file's own rows and columns; all False for Target 0; None where the labels file has no box columns."""
         from bench.data.finding_masks import box_mask, image_shape  # numpy: not at import, `bench list` stays instant

@@ -14,7 +14,9 @@ a file gets `<images_dir>/<ImageId>.dcm`, which the harness then counts as missi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
@@ -63,7 +65,7 @@ class Siim(Adapter):
             LABEL: positive.to_numpy(dtype=float),
         })
 
-    def finding_mask(self, row) -> np.ndarray | None:
+    def finding_mask(self, row: Mapping[str, Any]) -> np.ndarray | None:
         """The union of the image's RLE components (decoded column-major on the image file's own rows and
         columns, as the CSV codes them); all False for a `-1` image; None for an ImageId the CSV lacks."""
         from bench.data.finding_masks import image_shape, union  # numpy: not at import, `bench list` stays instant

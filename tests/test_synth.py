@@ -1,10 +1,9 @@
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import json
-
 from conftest import TINY_FOLDER
 from omegaconf import OmegaConf
 from tests_support import tree_digest as _digest
@@ -13,9 +12,11 @@ from bench.core.errors import UserError
 from bench.core.registry import DATASETS
 from bench.data.finding_masks import read_sidecar
 from bench.data.images import read_image
+from bench.data.loading import dataset_identity
 from bench.data.synth import GENERATOR_VERSION, MARKER, dataset_dir, ensure_synthetic, folder_name
 from bench.data.synth.drawing import draw_frontal
 from bench.data.synth.findings import Finding, Patient
+from bench.experiment.config import compose_config
 
 CHEXPERT_DIR, MIMIC_DIR = dataset_dir("chexpert"), dataset_dir("mimic-cxr")
 
@@ -89,7 +90,8 @@ def test_chexpert_layout(data_home):
 
 
 def test_the_default_root_names_the_generator_version():
-    root = OmegaConf.to_container(OmegaConf.load("configs/data/default.yaml"))["synthetic"]["root"]  # unresolved
+    config = Path(__file__).resolve().parents[1] / "configs" / "data" / "default.yaml"
+    root = OmegaConf.to_container(OmegaConf.load(config))["synthetic"]["root"]  # unresolved
     assert root.endswith(f"/synthetic-v{GENERATOR_VERSION}-${{.difficulty}}-${{.size}}-${{.seed}}")
     assert TINY_FOLDER == folder_name("tiny", 0, "standard")
 
@@ -104,6 +106,15 @@ def test_an_older_generators_folder_is_read_as_it_is(data_home, tmp_path):
     assert not any(p.name != MARKER for p in old.iterdir())
     with pytest.raises(UserError, match="not .*'seed': 1"):
         ensure_synthetic(old, "tiny", 1)
+    with pytest.raises(UserError, match="not .*'difficulty': 'hard'"):
+        ensure_synthetic(old, "tiny", 0, difficulty="hard")
+    # its records keep the identity they had: version 5, no difficulty
+    cfg = compose_config("clip", overrides=["data.synthetic.size=tiny", f"data.synthetic.root={old}"])
+    assert dataset_identity(cfg, "rsna")["synthetic"] == {"size": "tiny", "seed": 0, "generator_version": 5,
+                                                         "count": marker["counts"]["rsna"]}
+    (old / MARKER).write_text("{cut")
+    with pytest.raises(UserError, match="synthetic.json: not a synthetic benchmark's marker"):
+        ensure_synthetic(old, "tiny", 0)
 
 
 def test_every_frontal_image_has_its_ground_truth_sidecar(data_home):
@@ -153,3 +164,17 @@ def test_a_finding_is_not_told_by_the_mean_intensity_of_its_region():
                 means[present].append(draw_frontal(patient, np.random.default_rng(1000 + i), height, width)[region].mean())
         shift = abs(np.mean(means[True]) - np.mean(means[False]))
         assert np.std(means[False]) >= shift, name
+
+
+def test_a_stale_or_cut_sidecar_is_named(data_home, tmp_path):
+    from bench.data.finding_masks import sidecar_mask, write_sidecar
+
+    image = next((data_home / TINY_FOLDER / CHEXPERT_DIR / "train").rglob("view1_frontal.jpg"))
+    copy = tmp_path / "view1_frontal.jpg"
+    copy.write_bytes(image.read_bytes())
+    write_sidecar(copy, {"Pneumothorax": np.ones((5, 5), bool)})
+    with pytest.raises(UserError, match=r"view1_frontal.findings.npz: the masks of Pneumothorax are not the image's"):
+        sidecar_mask(copy)
+    (tmp_path / "view1_frontal.findings.npz").write_bytes(b"PK\x03\x04cut")
+    with pytest.raises(UserError, match=r"view1_frontal.findings.npz: not a findings sidecar"):
+        sidecar_mask(copy)

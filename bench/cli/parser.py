@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bench.data.synth import DIFFICULTIES, SIZES
+
 EPILOG = """examples:
   bench run --method clip                         pretrain + evaluate on the synthetic benchmark
   bench run --method clip --ablation fixed-temperature --seed 1 trainer.epochs=2
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "eval.datasets)")
     ev.add_argument("--protocol", action="append", default=[], help="zero-shot, linear-probe or fine-tune "
                                                                     "(repeatable; default: eval.protocols)")
-    ev.add_argument("--fractions", default=None, help="label fractions of every protocol, e.g. 0.01,0.1,1 "
-                                                      "(default: eval.fractions; fine-tuning: eval.fine_tune.fractions)")
+    ev.add_argument("--fractions", default=None, help="label fractions of every protocol, e.g. 0.01,0.1,1 (default: "
+                                                      "eval.fractions; fine-tuning: eval.fine_tune.fractions)")
     ev.add_argument("--seeds", default=None, help="evaluation seeds, e.g. 0,1,2 (default: eval.seeds)")
     ev.add_argument("--open-clip-config", default=None, help="an open_clip model config JSON for a custom MODEL")
     ev.add_argument("--results-dir", default=None, help="results root (default: ./results)")
@@ -188,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "RSNA, SIIM-ACR, COVIDx and NIH ChestX-ray14 in their real on-disk "
                                             "formats. Deterministic by seed; an existing complete copy is kept.")
     synth.add_argument("--out", default=None, help="folder to write (default: the configured synthetic root)")
-    synth.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    synth.add_argument("--size", default="small", choices=SIZES)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--difficulty", default="standard", choices=["easy", "standard", "hard"],
+    synth.add_argument("--difficulty", default="standard", choices=DIFFICULTIES,
                        help="how conspicuous findings are against the nuisance variation (default: standard)")
     synth.add_argument("--workers", type=positive_int, default=None, help="drawing processes (default: up to 4)")
     inspect = data_sub.add_parser("inspect", help="summarise a dataset root from its metadata files",

@@ -1,6 +1,7 @@
 """Where a number came from: code version, libraries, device."""
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -22,7 +23,14 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 def git_state() -> dict:
     """Commit and dirty flag of the harness's source checkout (editable installs), else of the working
-    directory if that is a checkout (a researcher's experiment repository); `None` where neither is."""
+    directory if that is a checkout (a researcher's experiment repository); `None` where neither is. Read once
+    per process (`bench.experiment.setup.start` reads it first): the code a process runs is the code it
+    imported, so a commit made while a long suite runs must not be credited with its later records."""
+    return dict(_git_state())
+
+
+@functools.lru_cache(maxsize=1)
+def _git_state() -> dict:
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         commit = _git(["rev-parse", "HEAD"], where)
         if commit:

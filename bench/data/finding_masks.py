@@ -1,9 +1,9 @@
 """Where findings were drawn: the synthetic generator's ground-truth sidecar, one beside each frontal image,
 and the mapping of any finding mask onto the model's patch grid.
 
-`<image without its last suffix>.findings.npz` (`view1_frontal.findings.npz`) holds one boolean array per finding drawn in that image (keys are the
-finding names of `bench.data.synth.findings`, e.g. "Pleural Effusion"; shape = the image file's rows and
-columns). An image without findings has a sidecar with no arrays, so "no sidecar" (no ground truth) and
+`<image without its last suffix>.findings.npz` (`view1_frontal.findings.npz`) holds one boolean array per
+finding drawn in that image (keys are the finding names of `bench.data.synth.findings`, e.g. "Pleural
+Effusion"; shape = the image file's rows and columns). An image without findings has a sidecar with no arrays, so "no sidecar" (no ground truth) and
 "nothing drawn" stay apart. Real datasets carry the same information in their own formats (SIIM's RLE masks,
 RSNA's boxes); their adapters read those (`Adapter.finding_mask`).
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.core.errors import UserError
+from bench.data.images import UnreadableImage, _is_dicom, square_geometry
 
 SUFFIX = ".findings.npz"
 # a patch is "on a finding" when at least this share of its area is: a quarter keeps patches that only graze a
@@ -47,15 +48,13 @@ def read_sidecar(image_path: str | Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as npz:
             return {name: npz[name].astype(bool) for name in npz.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a findings sidecar ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a cut or foreign file (BadZipFile, zlib.error, EOFError...): name it
+        raise UserError(f"{path}: not a findings sidecar ({type(e).__name__}: {e})") from None
 
 
 def image_shape(image_path: str | Path) -> tuple[int, int]:
     """(rows, columns) of the image file, from its header alone (DICOM Rows/Columns, else PIL's size): the
     resolution finding masks are given at. Photometric interpretation and bit depth do not change it."""
-    from bench.data.images import UnreadableImage, _is_dicom
-
     path = Path(image_path)
     try:
         if _is_dicom(path):
@@ -78,7 +77,12 @@ def sidecar_mask(image_path: str | Path) -> np.ndarray | None:
     masks = read_sidecar(image_path)
     if masks is None:
         return None
-    return union(masks.values(), image_shape(image_path) if not masks else None)
+    shape = image_shape(image_path)
+    wrong = sorted(name for name, mask in masks.items() if mask.shape != shape)
+    if wrong:
+        raise UserError(f"{sidecar_path(image_path)}: the masks of {', '.join(wrong)} are not the image's "
+                        f"{shape[0]}x{shape[1]} pixels (a sidecar of another image?)")
+    return union(masks.values(), shape)
 
 
 def union(masks: Iterable[np.ndarray], shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -105,13 +109,6 @@ def box_mask(shape: tuple[int, int], boxes: Iterable[tuple[float, float, float, 
         r0, r1 = max(0, int(np.floor(y))), min(shape[0], int(np.ceil(y + h)))
         mask[r0:r1, c0:c1] = True
     return mask
-
-
-def square_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """(resized rows, resized columns, top pad, left pad) of `bench.data.images.resize_and_pad`."""
-    scale = size / max(height, width)
-    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
-    return nh, nw, (size - nh) // 2, (size - nw) // 2
 
 
 def _overlaps(source: int, resized: int, pad: int, patch: int, side: int) -> np.ndarray:

@@ -101,16 +101,22 @@ def files_sha256(paths: Sequence[str | Path]) -> str:
     return digest.hexdigest()
 
 
+def square_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(resized rows, resized columns, top pad, left pad) of `resize_and_pad` for an image of that shape (finding
+    masks reach the patch grid through the same numbers: bench/data/finding_masks.py)."""
+    scale = size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
 def resize_and_pad(img: np.ndarray, size: int) -> np.ndarray:
     """Longer side to `size` keeping the aspect ratio (area-averaged when shrinking), then zero-pad to a
     centred square, as GLoRIA/MGCA do."""
     h, w = img.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resample = Image.BOX if scale < 1 else Image.BILINEAR
+    nh, nw, top, left = square_geometry(h, w, size)
+    resample = Image.BOX if max(h, w) > size else Image.BILINEAR
     resized = np.asarray(Image.fromarray(img).resize((nw, nh), resample))
     out = np.zeros((size, size), np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top:top + nh, left:left + nw] = resized
     return out
 

@@ -40,12 +40,14 @@ def dataset_identity(cfg: DictConfig, name: str) -> dict:
         syn = cfg.data.synthetic
         owner = DATASETS.get(name).settings_owner()
         counts = owner.synthetic.counts if owner.synthetic is not None else {}
-        # what made the folder, when it exists (an older generator's folder is read as it is)
+        # what made the folder, when it exists: an older generator's folder is read as it is, and keeps the
+        # identity it had (generators before version 6 had no difficulty)
         found = generated_with(Path(os.path.expanduser(syn.root))) or {}
-        out["synthetic"] = {"size": syn.size, "seed": syn.seed,
-                            "generator_version": found.get("generator_version", GENERATOR_VERSION),
-                            "difficulty": found.get("difficulty", syn.difficulty) if found else syn.difficulty,
+        version = found.get("generator_version", GENERATOR_VERSION)
+        out["synthetic"] = {"size": syn.size, "seed": syn.seed, "generator_version": version,
                             "count": found.get("counts", {}).get(owner.name, counts.get(syn.size))}
+        if version >= 6:
+            out["synthetic"]["difficulty"] = found.get("difficulty", syn.difficulty)
     return out
 
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core.checks import (Check, folder_or_null, integer, is_int, is_number, list_of, number, number_or_numbers,
                                one_of, show, switch, text)
 from bench.core.errors import UserError
+from bench.data.synth import DIFFICULTIES, SIZES
 
 # mappings whose keys are the user's to choose: Hugging Face config fields, label phrases, label files
 OPEN = ("model.text.config", "method.prompts.names", "data.covidx.label_files")
@@ -74,9 +75,9 @@ RULES: dict[str, Check] = {
     "data.corpus.mix.paired": number(0, low_open=True),
     "data.corpus.mix.image_only": number(0),
     "data.corpus.mix.text_only": number(0),
-    "data.synthetic.size": one_of(("tiny", "small", "medium")),
+    "data.synthetic.size": one_of(SIZES),
     "data.synthetic.seed": integer(0),
-    "data.synthetic.difficulty": one_of(("easy", "standard", "hard")),
+    "data.synthetic.difficulty": one_of(DIFFICULTIES),
     "data.synthetic.root": text(),
     "data.splits_dir": text(),
     "data.cache_dir": text(null=True),
@@ -250,11 +251,14 @@ def check_config(cfg: DictConfig, defaults: DictConfig, reads_corpus: bool = Tru
     _walk("", plain, base, False, {f"method.{k}": check for k, check in method.setting_checks.items()})
     method.check_config(cfg)
     e = plain["eval"]
-    if any(PROTOCOLS.get(p).fits_labels for p in e["protocols"]):
-        for key in ("fractions", "seeds"):
-            if not e[key]:
-                raise UserError(f"eval.{key} is empty, but eval.protocols has {', '.join(e['protocols'])}: give at "
-                                f"least one, e.g. eval.{key}={'[1.0]' if key == 'fractions' else '[0]'}")
+    fitting = [p for p in e["protocols"] if PROTOCOLS.get(p).fits_labels]
+    if fitting and not e["seeds"]:
+        raise UserError(f"eval.seeds is empty, but eval.protocols has {', '.join(fitting)}: give at least one, "
+                        f"e.g. eval.seeds=[0]")
+    for name in fitting:
+        if not PROTOCOLS.get(name).fractions(cfg):
+            raise UserError(f"eval.fractions is empty, and {name} has no fractions of its own: give at least one, "
+                            f"e.g. eval.fractions=[1.0]")
     read = {*plain["eval"]["datasets"], *(n for names in corpus_sources(cfg).values() for n in names)} \
         if reads_corpus else set(plain["eval"]["datasets"])
     for name in sorted(read):

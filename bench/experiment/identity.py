@@ -12,12 +12,26 @@ from bench.data.loading import dataset_identity
 
 # keys that say how a run executes or where it writes, not what it computes
 NON_SEMANTIC = ("runtime", "results_dir")
+# method settings that only choose what is measured alongside training (AttMIM's hit rate), not what is trained
+MEASUREMENT_ONLY = ("image_masking.hit_rate_every", "image_masking.hit_rate_images")
+
+
+def _semantic(cfg: DictConfig) -> dict:
+    """The config without NON_SEMANTIC sections and without the method's MEASUREMENT_ONLY settings."""
+    plain = {k: v for k, v in to_plain(cfg).items() if k not in NON_SEMANTIC}
+    for key in MEASUREMENT_ONLY:
+        *parents, leaf = key.split(".")
+        node = plain.get("method", {})
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return plain
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Everything that decides the numbers, seeds included."""
-    plain = to_plain(cfg)
-    return stable_hash({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
+    return stable_hash(_semantic(cfg))
 
 
 def corpus_sources(cfg: DictConfig) -> dict[str, list[str]]:
@@ -38,12 +52,11 @@ def corpus_sources(cfg: DictConfig) -> dict[str, list[str]]:
 def pretrain_hash(cfg: DictConfig) -> str:
     """What decides a pretrained checkpoint except its seed: runs that differ only in seed share it, and
     tables aggregate seeds within it. Of `data`, only the corpus sources the method reads count."""
-    plain = to_plain(cfg)
-    kept = {k: v for k, v in plain.items() if k not in (*NON_SEMANTIC, "seed", "eval", "data")}
+    kept = {k: v for k, v in _semantic(cfg).items() if k not in ("seed", "eval", "data")}
     sources = corpus_sources(cfg)
     data = {kind: [dataset_identity(cfg, name) for name in names] for kind, names in sources.items()}
-    if len(sources) > 1:
-        data["mix"] = to_plain(cfg.data.corpus.mix)
+    if len(sources) > 1:  # the mix of the kinds this method reads
+        data["mix"] = {kind: share for kind, share in to_plain(cfg.data.corpus.mix).items() if kind in sources}
     return stable_hash({**kept, "data": data})
 
 

@@ -6,6 +6,7 @@ import os
 import torch
 from omegaconf import DictConfig
 
+from bench.core.provenance import git_state
 from bench.core.results import ResultsStore
 from bench.train import distributed
 from bench.train.trainer import resolve_device
@@ -23,6 +24,7 @@ def start(runtime: DictConfig, results_dir: str | None = None) -> tuple[torch.de
     (`runtime.threads`), pick the device (`runtime.device`) and, given a results folder, open its store and
     check it can be written before any work starts. Returns (device, store or None)."""
     quiet_libraries()
+    git_state()  # the checkout as this process starts, which its records name
     distributed.init_from_env()
     if runtime.threads:
         torch.set_num_threads(int(runtime.threads))

@@ -1,22 +1,25 @@
 """The built-in synthetic benchmark: procedural chest radiographs with matching reports, written in the
 real on-disk formats so the real dataset adapters read them. Which datasets it holds, in which folders, how
 many items and by which writer, each adapter declares (`Adapter.synthetic`); a dataset registered after a
-benchmark was generated is added to it on first use."""
+benchmark was generated is added to it on first use (a benchmark an older generator version made is read as
+it is and never added to)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from bench.core.errors import UserError
 from bench.core.io import atomic_write_text
-from bench.data.synth.drawing import DIFFICULTIES
 
 GENERATOR_VERSION = 6  # 6: findings told by shape and texture under nuisance, difficulty levels, ground-truth sidecars
 SIZES = ("tiny", "small", "medium")
+DIFFICULTIES = ("easy", "standard", "hard")  # what each scales: drawing.DIFFICULTIES
 MARKER = "synthetic.json"
 
 
@@ -60,14 +63,19 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     adapters = synthetic_adapters()
     params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed, "difficulty": difficulty,
               "counts": {cls.name: cls.synthetic.counts[size] for cls in adapters}}
-    marker = root / MARKER
     workers = workers or min(4, os.cpu_count() or 1)
-    if marker.exists():
-        found = json.loads(marker.read_text())
+    found = generated_with(root)
+    if found is not None:
         counts = found.get("counts", {})
         if found.get("generator_version", 0) < GENERATOR_VERSION:  # an older benchmark: readable, never rewritten
-            same = (found.get("size"), found.get("seed")) == (size, seed)
-            return root if same and all(n in counts for n in params["counts"]) else _refuse(root, found, params)
+            if (found.get("size"), found.get("seed"), found.get("difficulty", "standard")) != (size, seed, difficulty):
+                _refuse(root, found, params)
+            missing = sorted(set(params["counts"]) - set(counts))
+            if missing:
+                raise UserError(f"{root} was made by generator version {found.get('generator_version')}, before "
+                                f"{', '.join(missing)} joined the benchmark; an older benchmark is never added to: "
+                                f"choose another data.synthetic.root")
+            return root
         same = {k: v for k, v in found.items() if k != "counts"} == {k: v for k, v in params.items() if k != "counts"}
         if not same or any(counts.get(name, n) != n for name, n in params["counts"].items()):
             _refuse(root, found, params)
@@ -76,7 +84,8 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
                 _add_dataset(root, cls, size, seed, workers, difficulty)
         return root
     if root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another data.synthetic.root")
+        raise UserError(f"{root} exists, is not empty and is not a synthetic benchmark; choose another "
+                        f"data.synthetic.root")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
@@ -97,10 +106,19 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
 def generated_with(root: Path) -> dict | None:
     """The parameters the benchmark under `root` was generated with (its marker), or None."""
     marker = root / MARKER
-    return json.loads(marker.read_text()) if marker.exists() else None
+    if not marker.exists():
+        return None
+    try:
+        found = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{marker}: not a synthetic benchmark's marker ({e}); delete the folder to regenerate it") \
+            from None
+    if not isinstance(found, dict):
+        raise UserError(f"{marker}: not a synthetic benchmark's marker (a JSON {type(found).__name__})")
+    return found
 
 
-def _refuse(root: Path, found: dict, params: dict):
+def _refuse(root: Path, found: dict, params: dict) -> NoReturn:
     raise UserError(f"{root} holds a synthetic benchmark made with {found}, not {params}; "
                     f"choose another data.synthetic.root or delete it")
 
@@ -108,6 +126,11 @@ def _refuse(root: Path, found: dict, params: dict):
 def _write(adapter, folder: Path, size: str, seed: int, workers: int, difficulty: str) -> None:
     module, _, function = adapter.synthetic.writer.partition(":")
     write = getattr(importlib.import_module(module), function)
+    try:
+        inspect.signature(write).bind(folder, adapter.synthetic.counts[size], seed, workers, difficulty)
+    except TypeError as e:
+        raise UserError(f"{adapter.synthetic.writer}, the synthetic writer of {adapter.name}, does not take "
+                        f"(folder, count, seed, workers, difficulty): {e}") from None
     write(folder, adapter.synthetic.counts[size], seed, workers, difficulty)
 
 

@@ -18,8 +18,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy import ndimage
 
-from bench.data.rle import rle_encode
 from bench.data.finding_masks import write_sidecar
+from bench.data.rle import rle_encode
 from bench.data.synth.drawing import draw_frontal
 from bench.data.synth.findings import Finding, Patient, sample_patient
 from bench.data.synth.writers import _rng, _write_csv, hashed_split, intended_split

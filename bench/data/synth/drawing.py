@@ -30,8 +30,10 @@ class Difficulty:
     nuisance: float
 
 
-# easy: findings stand out of mild nuisance; standard: the default benchmark, where nuisance shadows are as
-# strong as a finding's brightness, so findings are told by shape and texture; hard: fainter findings, more nuisance
+# the levels bench.data.synth.DIFFICULTIES names. easy: findings well above mild nuisance; standard (the default
+# benchmark): the mean intensity of a finding's hemithorax varies from patient to patient at least as much as
+# the finding shifts it (tests/test_synth.py), so shape and texture tell it, and the tiny preset learns it in a
+# few minutes of CPU pretraining; hard: findings as faint as the nuisance is wide, for longer pretraining
 DIFFICULTIES = {"easy": Difficulty(2.0, 0.3), "standard": Difficulty(1.5, 0.5), "hard": Difficulty(1.0, 1.0)}
 
 
@@ -286,6 +288,8 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
     img += rng.normal(0, rng.uniform(0.01, 0.03) * spread, img.shape).astype(np.float32)
     img = np.clip(img, 0, 1) ** (1 + rng.uniform(-0.25, 0.35) * spread)
     return (img * 255).astype(np.uint8)
+
+
 def draw_lateral(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A plain lateral view; the harness's pretraining and probes use frontal views only."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)

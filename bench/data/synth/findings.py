@@ -91,6 +91,8 @@ class Patient:
         out = []
         for label in NIH_LABELS:
             f = self.findings.get(NIH_FROM.get(label, label))
+            if label == "Pneumonia" and f is None:  # its NLP reads "covid-19 pneumonia" as Pneumonia
+                f = self.findings.get("COVID-19")
             if f is not None and (label != "Mass" or f.severity == 3) and (label != "Nodule" or f.severity < 3):
                 out.append(label)
         return out

@@ -184,7 +184,7 @@ def write_nih(root: Path, n: int, seed: int, workers: int, difficulty: str = "st
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
     (root / "Data_Entry_2017.csv").write_text("".join(f"{line}\n" for line in [header, *rows]))
     order = _rng(seed, "nih-lists", 0).permutation(n)
-    test = set(order[:min(n - 1, max(1, round(TEST_SHARE * n)))].tolist())  # the real list: 23% of patients
+    test = set(order[:min(n - 1, max(1, round(TEST_SHARE * n)))].tolist())  # the real list: 23% of images
     lists: dict[str, list[str]] = {"train_val_list.txt": [], "test_list.txt": []}
     for i, count in enumerate(counts):
         lists["test_list.txt" if i in test else "train_val_list.txt"] += [nih_name(i, k) for k in range(count)]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from bench.data.finding_masks import write_sidecar
 from bench.data.synth.drawing import draw_frontal, draw_lateral
-from bench.data.synth.findings import CHEXPERT_LABELS, sample_patient
+from bench.data.synth.findings import CHEXPERT_LABELS, Patient, sample_patient
 from bench.data.synth.reports import mimic_report_file, write_report
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 128, 116  # not square, so readers must resize and pad; above the models' 96
@@ -68,7 +68,7 @@ def _dicom_id(rng: np.random.Generator) -> str:
     return "-".join(f"{rng.integers(0, 2**32):08x}" for _ in range(5))
 
 
-def draw_with_truth(patient, rng: np.random.Generator, height: int, width: int, difficulty: str
+def draw_with_truth(patient: Patient, rng: np.random.Generator, height: int, width: int, difficulty: str
                     ) -> tuple[np.ndarray, dict]:
     """A frontal view and its annotations (`findings`: what the ground-truth sidecar holds)."""
     annotations: dict = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 BEST = "best.pt"
 
 
-def label_fractions(key: str, v) -> str | None:
+def label_fractions(key: str, v: Any) -> str | None:
     """null (eval.fractions) or distinct label fractions in (0, 1]."""
     return None if v is None else list_of(number(0, 1, low_open=True), nonempty=True, distinct=True)(key, v)
 
