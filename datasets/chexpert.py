@@ -83,7 +83,7 @@ class CheXpert(Adapter):
         "val_fraction": 0.1,  # of training patients, when the study-level test set is absent
         "five_by_200_seed": 0,
     }
-    synthetic = Synthetic("CheXpert-v1.0-small", {"tiny": 100, "small": 2200, "medium": 10000},  # patients: 60% test studies, the rest train
+    synthetic = Synthetic("CheXpert-v1.0-small", {"tiny": 100, "small": 2200, "medium": 10000},  # patients, 60% test
                           "bench.data.synth.writers:write_chexpert")
 
     def _read_listing(self, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:

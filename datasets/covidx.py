@@ -62,7 +62,7 @@ class Covidx(Adapter):
     description = "COVIDx CXR: normal/pneumonia/COVID-19 (V5-V9A, accuracy) or COVID-19 positive/negative (CXR-4)"
     # root: the COVIDx folder holding the label .txt files and train/ (val/) test/
     defaults = {"label_files": None}  # null = auto; or {train: train_COVIDx9A.txt, test: test_COVIDx9A.txt}
-    synthetic = Synthetic("COVIDx", {"tiny": 90, "small": 2000, "medium": 4000},  # patients (60% test), a quarter with two images
+    synthetic = Synthetic("COVIDx", {"tiny": 90, "small": 2000, "medium": 4000},  # patients, 60% test
                           "bench.data.synth.png_writers:write_covidx")
 
     def label_files(self) -> dict[str, Path]:

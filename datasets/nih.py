@@ -76,7 +76,7 @@ class Nih(Adapter):
         "val_fraction": 0.1,
         "test_fraction": 0.2,  # only without the official train_val_list.txt/test_list.txt
     }
-    synthetic = Synthetic("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000},  # patients (60% test), 1-3 images each
+    synthetic = Synthetic("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000},  # patients, 60% test
                           "bench.data.synth.png_writers:write_nih")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:

@@ -70,7 +70,8 @@ def test_dry_run_counts_a_fresh_grid_with_shared_baselines_and_worker_shares(dat
     # mask-ratio-0.75 sets the default value: its own pretraining run, but the same untrained model as none
     suite.write_text("runs:\n  mmclip: [none, mask-ratio-0.75]\n  mrm: [none]\nseeds: [0, 1]\n"
                      "overrides: [data.synthetic.size=tiny]\n"
-                     "eval_overrides: ['eval.datasets=[rsna,siim]', 'eval.fractions=[0.1,1.0]', 'eval.fine_tune.fractions=null']\n")
+                     "eval_overrides: ['eval.datasets=[rsna,siim]', 'eval.fractions=[0.1,1.0]',\n"
+                     "                 'eval.fine_tune.fractions=null']\n")
     code, out, err = _cli(capsys, "suite", str(suite), "--dry-run", "--worker", "2/2",
                           "--results-dir", str(tmp_path / "results"))
     assert code == 0, err
@@ -212,7 +213,8 @@ def test_bad_suite_file_is_one_line_naming_the_file(text, message, tmp_path, cap
 
 def test_unknown_suite_name_and_bad_worker_are_one_line(tmp_path, capsys):
     code, _, err = _cli(capsys, "suite", "nope", "--dry-run")
-    assert code == 2 and "no suite 'nope': not a file and not a named suite; named suites: ablations, controls, smoke" in err
+    assert code == 2 and ("no suite 'nope': not a file and not a named suite; named suites: ablations, controls, "
+                          "smoke") in err
     code, _, err = _cli(capsys, "suite", "smoke", "--worker", "3/2", "--dry-run")
     assert code == 2 and "--worker '3/2': expected I/N with 1 <= I <= N" in err
     assert len(err.strip().splitlines()) == 1

@@ -3,9 +3,10 @@ and the mapping of any finding mask onto the model's patch grid.
 
 `<image without its last suffix>.findings.npz` (`view1_frontal.findings.npz`) holds one boolean array per
 finding drawn in that image (keys are the finding names of `bench.data.synth.findings`, e.g. "Pleural
-Effusion"; shape = the image file's rows and columns). An image without findings has a sidecar with no arrays, so "no sidecar" (no ground truth) and
-"nothing drawn" stay apart. Real datasets carry the same information in their own formats (SIIM's RLE masks,
-RSNA's boxes); their adapters read those (`Adapter.finding_mask`).
+Effusion"; shape = the image file's rows and columns). An image without findings has a sidecar with no
+arrays, so "no sidecar" (no ground truth) and "nothing drawn" stay apart. Real datasets carry the same
+information in their own formats (SIIM's RLE masks, RSNA's boxes); their adapters read those
+(`Adapter.finding_mask`).
 
 A mask at the image file's resolution reaches the patch grid the way the image does: `resize_and_pad`'s
 geometry (longer side to the input size, aspect kept, centred zero padding), then each patch's *coverage* is

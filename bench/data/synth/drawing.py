@@ -248,7 +248,8 @@ def draw_frontal(patient: Patient, rng: np.random.Generator, height: int, width:
         cx = SIDE_X[f.side] + rng.normal(0, 0.03)
         lesion = _ellipse(x, y, cx, cy, r, r * width / height, 0.15)
         if f.severity == 3:
-            lesion = np.maximum(lesion, _ellipse(x, y, cx + 0.6 * r, cy - 0.4 * r, 0.6 * r, 0.6 * r * width / height, 0.15))
+            lobe = _ellipse(x, y, cx + 0.6 * r, cy - 0.4 * r, 0.6 * r, 0.6 * r * width / height, 0.15)
+            lesion = np.maximum(lesion, lobe)
         img += 0.3 * (0.5 if f.uncertain else 1.0) * gain * lesion
         where["Lung Lesion"] = lesion > 0.5
     if "Pleural Other" in fnd:  # pleural thickening: a rim along the lateral chest wall

@@ -115,7 +115,8 @@ def write_covidx(root: Path, n: int, seed: int, workers: int, difficulty: str = 
     for split in files:
         (root / split).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        patients = list(pool.map(_covidx_patient, [(root, seed, i, vocabulary, difficulty) for i in range(n)], chunksize=8))
+        jobs = [(root, seed, i, vocabulary, difficulty) for i in range(n)]
+        patients = list(pool.map(_covidx_patient, jobs, chunksize=8))
     for split, file in files.items():
         lines = [line for part, rows in patients if part == split for line in rows]
         (root / file).write_text("".join(f"{line}\n" for line in lines))
@@ -178,7 +179,8 @@ def write_nih(root: Path, n: int, seed: int, workers: int, difficulty: str = "st
     for folder in sorted({f for fs in folders for f in fs}):
         (root / folder / "images").mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        rows = [r for part in pool.map(_nih_patient, [(root, seed, i, folders[i], difficulty) for i in range(n)], chunksize=8)
+        jobs = [(root, seed, i, folders[i], difficulty) for i in range(n)]
+        rows = [r for part in pool.map(_nih_patient, jobs, chunksize=8)
                 for r in part]
     header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")

@@ -156,7 +156,8 @@ def write_chexpert(root: Path, n: int, seed: int, workers: int, difficulty: str 
     parts = [("train", train, 1), ("valid", min(200, max(40, train // 3)), 64541), ("test", test_studies, 64741)]
     for part, count, first in parts:
         with ProcessPoolExecutor(workers) as pool:
-            chunks = pool.map(_chexpert_patient, [(root, part, seed, i, first, difficulty) for i in range(count)], chunksize=16)
+            jobs = [(root, part, seed, i, first, difficulty) for i in range(count)]
+            chunks = pool.map(_chexpert_patient, jobs, chunksize=16)
             rows = [row for chunk in chunks for row in chunk]
         if part != "test":
             _write_csv(root / f"{part}.csv", header, rows)

@@ -52,7 +52,8 @@ class FineTune(Protocol):
     }
     setting_checks = {"fractions": label_fractions, "epochs": integer(1), "batch_size": integer(1),
                       "lr": number(0, low_open=True), "encoder_lr_multiplier": number(0), "weight_decay": number(0),
-                      "warmup_epochs": number(0), "patience": integer(1, null=True), "precision": one_of(("auto", "bf16", "fp32"))}
+                      "warmup_epochs": number(0), "patience": integer(1, null=True),
+                      "precision": one_of(("auto", "bf16", "fp32"))}
 
     @classmethod
     def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> ProtocolResult:
