@@ -85,6 +85,7 @@ RULES: dict[str, Check] = {
     "model.embed_dim": integer(1),
     "model.image.image_size": integer(1),
     "model.image.patch_size": integer(1),
+    "model.image.stem": one_of(("patch", "conv")),
     "model.text.max_length": integer(1),
     "model.image.open_clip_name": text(null=True),  # null: built from the preset's fields
     "model.image.pretrained": text(null=True),

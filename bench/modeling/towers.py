@@ -26,8 +26,47 @@ def resolve_text_source(name_or_path: str) -> str:
     return os.path.expanduser(name_or_path)
 
 
+def _prime_factors(n: int) -> list[int]:
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return factors
+
+
+class ConvStem(nn.Module):
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better"):
+    3x3-style convolutions whose strides multiply to the patch size, then a 1x1 convolution to the width. It
+    keeps the patch grid (one token per patch, as AttMIM needs) but gives a small ViT trained from scratch
+    local edge and texture detectors, which a linear patch embedding learns slowly: pleural lines and
+    ground-glass mottle are such details. No normalisation layer: the transformer's LayerNorm follows, and
+    nothing in the stem depends on the batch or on the image's own statistics."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        super().__init__()
+        strides = _prime_factors(patch_size)
+        if not strides:
+            raise UserError(f"model.image.patch_size must be >= 2 for stem: conv, got {patch_size}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i, stride in enumerate(strides):
+            out = max(16, width >> (len(strides) - i))
+            # kernel 2s-1 with padding s-1: an overlapping window, and the output is exactly ceil(size / s)
+            layers += [nn.Conv2d(channels, out, 2 * stride - 1, stride, stride - 1), nn.GELU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, width, 1))
+        self.layers = nn.Sequential(*layers)
+        self.in_channels, self.out_channels, self.patch_size = in_channels, width, patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
 class VisionTower(nn.Module):
-    """An open_clip VisionTransformer without its projection: returns (pooled, patch tokens)."""
+    """An open_clip VisionTransformer without its projection: returns (pooled, patch tokens). A tower built
+    from the preset's fields embeds patches linearly (`stem: patch`, open_clip's own) or with `ConvStem`."""
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -57,6 +96,12 @@ class VisionTower(nn.Module):
         self.width = self.vit.conv1.out_channels
         self.image_size = self.vit.image_size[0] if isinstance(self.vit.image_size, tuple) else self.vit.image_size
         self.patch_size = self.vit.conv1.kernel_size[0]
+        stem = cfg.get("stem", "patch")
+        if stem == "conv" and not cfg.get("open_clip_name"):
+            self.vit.conv1 = ConvStem(self.vit.conv1.in_channels, self.width, self.patch_size)
+        elif stem != "patch":
+            raise UserError(f"model.image.stem must be 'patch', or 'conv' for a tower built from the preset's "
+                            f"fields, got {stem!r}")
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.vit.set_grad_checkpointing(enabled)
