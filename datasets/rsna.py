@@ -31,7 +31,7 @@ class Rsna(Adapter):
     task = finding_task([LABEL], "auc")
     description = "RSNA Pneumonia Detection: binary pneumonia (lung opacity) classification from DICOMs (AUC)"
     defaults = {"images_dir": "stage_2_train_images", "val_fraction": 0.15, "test_fraction": 0.15}  # root: .../rsna-pneumonia-detection-challenge
-    synthetic = Synthetic("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 2000, "medium": 6000},  # 60% test
+    synthetic = Synthetic("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 2600, "medium": 6000},  # 60% test
                           "bench.data.synth.dicom_writers:write_rsna")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:

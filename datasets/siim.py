@@ -36,7 +36,7 @@ class Siim(Adapter):
     task = finding_task([LABEL], "auc")
     description = "SIIM-ACR Pneumothorax: binary pneumothorax classification from DICOMs (AUC)"
     defaults = {"images_dir": "dicom-images-train", "val_fraction": 0.15, "test_fraction": 0.15}  # root: .../siim-acr-pneumothorax
-    synthetic = Synthetic("siim-acr-pneumothorax", {"tiny": 80, "small": 2000, "medium": 6000},  # images, 60% test
+    synthetic = Synthetic("siim-acr-pneumothorax", {"tiny": 80, "small": 2600, "medium": 6000},  # images, 60% test
                           "bench.data.synth.dicom_writers:write_siim")
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:

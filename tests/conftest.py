@@ -13,7 +13,7 @@ TINY = ["data.synthetic.size=tiny", "trainer.epochs=2", "trainer.batch_size=16",
         "eval.fine_tune.batch_size=16"]
 
 
-TINY_FOLDER = "synthetic-v6-standard-tiny-0"  # the default root's folder for the tiny size (configs/data/default.yaml)
+TINY_FOLDER = "synthetic-v7-standard-tiny-0"  # the default root's folder for the tiny size (configs/data/default.yaml)
 
 
 @pytest.fixture(scope="session")

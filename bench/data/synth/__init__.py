@@ -17,7 +17,8 @@ from typing import NoReturn
 from bench.core.errors import UserError
 from bench.core.io import atomic_write_text
 
-GENERATOR_VERSION = 6  # 6: findings told by shape and texture under nuisance, difficulty levels, ground-truth sidecars
+GENERATOR_VERSION = 7  # 6: findings told by shape and texture under nuisance, difficulty levels, ground-truth sidecars;
+# 7: standard difficulty at (1.25, 0.75), a pleural line the models can see
 SIZES = ("tiny", "small", "medium")
 DIFFICULTIES = ("easy", "standard", "hard")  # what each scales: drawing.DIFFICULTIES
 MARKER = "synthetic.json"
