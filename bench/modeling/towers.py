@@ -96,12 +96,11 @@ class VisionTower(nn.Module):
         self.width = self.vit.conv1.out_channels
         self.image_size = self.vit.image_size[0] if isinstance(self.vit.image_size, tuple) else self.vit.image_size
         self.patch_size = self.vit.conv1.kernel_size[0]
-        stem = cfg.get("stem", "patch")
-        if stem == "conv" and not cfg.get("open_clip_name"):
+        if cfg.get("stem", "patch") == "conv":  # its values are checked with the config (config_checks.py)
+            if cfg.get("open_clip_name"):
+                raise UserError(f"model.image.stem=conv replaces the patch embedding of a tower built from the "
+                                f"preset's fields; {cfg.open_clip_name!r} keeps its own: set model.image.stem=patch")
             self.vit.conv1 = ConvStem(self.vit.conv1.in_channels, self.width, self.patch_size)
-        elif stem != "patch":
-            raise UserError(f"model.image.stem must be 'patch', or 'conv' for a tower built from the preset's "
-                            f"fields, got {stem!r}")
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.vit.set_grad_checkpointing(enabled)
