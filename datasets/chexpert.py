@@ -12,6 +12,9 @@ Splits (documented rule):
   these images leave the training split, as in GLoRIA/MGCA, and so do their patients' other images
   (GLoRIA keeps them in train, which puts one patient on both sides). Fewer than 200 where a class has fewer.
 - `train`: the remaining training patients.
+A patient of valid.csv (or of the test set) also in train.csv is refused when the dataset is loaded
+(`patient_overlap: refuse`; `repair` moves their images to the split holding most of them,
+bench/data/adapter.py).
 Frontal views only by default (`frontal_only`). Uncertain labels (-1) follow `uncertain_policy`: `zeros`
 (U-Zeros), `ones` (U-Ones) or `gloria` (GLoRIA/MGCA per-class mapping, the default). Blank (not mentioned)
 counts as negative under each of these; `keep` leaves 1/0/-1 and blank as NaN, for the prompts of image-only
@@ -26,7 +29,7 @@ from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
 from bench.data.adapter import (Adapter, Synthetic, Task, count_uncertain, finding_task, fraction_setting, label_values,
-                                patient_fold, read_csv, require_columns)
+                                patient_fold, patient_overlap_check, read_csv, require_columns)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -76,12 +79,14 @@ class CheXpert(Adapter):
     name = "chexpert"
     description = "CheXpert: 5 competition labels, multi-label AUC; the 5x200 set for zero-shot accuracy"
     task = finding_task(COMPETITION)
-    setting_checks = {"uncertain_policy": one_of(POLICIES[:-1]), "five_by_200_seed": integer(0)}
+    setting_checks = {"uncertain_policy": one_of(POLICIES[:-1]), "five_by_200_seed": integer(0),
+                      "patient_overlap": patient_overlap_check}
     defaults = {  # also read by chexpert-5x200; root: .../CheXpert-v1.0-small (or CheXpert-v1.0)
         "uncertain_policy": "gloria",  # gloria (GLoRIA/MGCA per-class mapping) | zeros | ones
         "frontal_only": True,
         "val_fraction": 0.1,  # of training patients, when the study-level test set is absent
         "five_by_200_seed": 0,
+        "patient_overlap": "refuse",  # refuse | repair: a patient in several splits (bench/data/adapter.py)
     }
     synthetic = Synthetic("CheXpert-v1.0-small", {"tiny": 100, "small": 2200, "medium": 10000},  # patients, 60% test
                           "bench.data.synth.writers:write_chexpert")

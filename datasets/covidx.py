@@ -12,20 +12,23 @@ scored by accuracy; positive/negative (the "B" files and CXR-4) is binary COVID-
 Splits: each file's own. Without a val file, val is the training patients whose stable hash falls below
 `val_fraction` (default 0.2, MGCA's 80/20 split of the official train). Patient ids are qualified by the
 data source, since sources number their patients independently. A patient listed in several files (the
-official files are meant to be patient-disjoint) is kept only in the last of train, val, test, with a
-warning that counts the dropped images.
+official files are meant to be patient-disjoint, and are not quite) is repaired by default when the dataset
+is loaded, by the check every adapter shares (`patient_overlap: repair`, bench/data/adapter.py): their images
+move to the split holding most of them (ties: test, then val), with a warning that counts them; `refuse`
+stops instead.
 """
 from __future__ import annotations
 
 import os
-import sys
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
+from bench.core.checks import Check
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import Adapter, Synthetic, Task, fraction_setting, patient_fold
+from bench.data.adapter import Adapter, Synthetic, Task, fraction_setting, patient_fold, patient_overlap_check
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -61,7 +64,9 @@ class Covidx(Adapter):
     name = "covidx"
     description = "COVIDx CXR: normal/pneumonia/COVID-19 (V5-V9A, accuracy) or COVID-19 positive/negative (CXR-4)"
     # root: the COVIDx folder holding the label .txt files and train/ (val/) test/
-    defaults = {"label_files": None}  # null = auto; or {train: train_COVIDx9A.txt, test: test_COVIDx9A.txt}
+    defaults = {"label_files": None,  # null = auto; or {train: train_COVIDx9A.txt, test: test_COVIDx9A.txt}
+                "patient_overlap": "repair"}  # refuse | repair: a patient in several files (bench/data/adapter.py)
+    setting_checks: ClassVar[dict[str, Check]] = {"patient_overlap": patient_overlap_check}
     synthetic = Synthetic("COVIDx", {"tiny": 90, "small": 2000, "medium": 4000},  # patients, 60% test
                           "bench.data.synth.png_writers:write_covidx")
 
@@ -136,26 +141,12 @@ class Covidx(Adapter):
                 "patient_id": (df["data_source"] + ":" + df["patient_id"]).to_numpy(),
                 "image_path": (str(self.root.absolute() / split) + os.sep + df["filename"]).to_numpy(),
                 "split": split,
-                "file": path.name,
                 **onehot,
             }))
-        manifest = self._disjoint(pd.concat(frames, ignore_index=True))
+        manifest = pd.concat(frames, ignore_index=True)
         if "val" not in self._tables:
             fraction = fraction_setting(self.cfg, "val_fraction", 0.2)
             carve = (manifest["split"] == "train").to_numpy() & \
                 (patient_fold(manifest["patient_id"], "covidx-val") < fraction)
             manifest.loc[carve, "split"] = "val"
-        return manifest.drop(columns="file")
-
-    @staticmethod
-    def _disjoint(manifest: pd.DataFrame) -> pd.DataFrame:
-        """Keep a patient found in several files only in the last of train, val, test, so the official
-        test set stays whole and no patient is on both sides; say how many images that drops."""
-        rank = manifest["split"].map({s: i for i, s in enumerate(SPLITS)})
-        last = rank.groupby(manifest["patient_id"]).transform("max")
-        dropped = manifest[rank < last]
-        if len(dropped):
-            first = dropped.iloc[0]
-            print(f"bench: covidx: dropped {len(dropped)} image(s) of {dropped['patient_id'].nunique()} patient(s) "
-                  f"also listed in a later split; first: {first['file']}: {first['sample_id']}", file=sys.stderr)
-        return manifest[rank == last]
+        return manifest

@@ -4,7 +4,8 @@ Reads `mimic-cxr-2.0.0-{metadata,split,chexpert}.csv` (plain or .gz), images at
 `files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg` and reports at `files/pXX/pSUBJECT/sSTUDY.txt` (under
 `reports_root`, default the same root). Reports are split into sections with the official MIMIC-CXR
 header rule; the text is the configured sections joined (default impression then findings, as MGCA).
-The official split is used, with `validate` renamed `val`. Labels come from the CheXpert labeler's CSV
+The official split is used, with `validate` renamed `val`; a subject it puts in several splits is refused
+when the dataset is loaded (`patient_overlap: refuse`; `repair` moves their images, bench/data/adapter.py). Labels come from the CheXpert labeler's CSV
 (`labeler: chexpert`, default) or NegBio's (`negbio`), per study, with `uncertain_policy` as for CheXpert
 (default `zeros`). A study whose report file is missing or has no findings/impression/last paragraph
 is skipped with a count naming the first such file (`empty_reports: skip`) or stops the run (`error`).
@@ -20,8 +21,8 @@ from bench.core.checks import list_of, one_of, text
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (Adapter, Synthetic, count_uncertain, finding_task, label_values, read_csv,
-                                require_columns)
+from bench.data.adapter import (Adapter, Synthetic, count_uncertain, finding_task, label_values,
+                                patient_overlap_check, read_csv, require_columns)
 from bench.datasets.chexpert import POLICIES, apply_uncertain_policy
 
 pd = lazy_module("pandas")
@@ -52,7 +53,7 @@ class MimicCxrJpg(Adapter):
     setting_checks = {"labeler": one_of(("chexpert", "negbio")), "uncertain_policy": one_of(POLICIES[:-1]),
                       "empty_reports": one_of(("skip", "error")), "reports_root": text(null=True),
                       "sections": list_of(text(), nonempty=True),
-                      "views": list_of(text())}
+                      "views": list_of(text()), "patient_overlap": patient_overlap_check}
     defaults = {  # root: .../physionet.org/files/mimic-cxr-jpg/2.0.0
         "reports_root": None,  # where mimic-cxr-reports.zip was extracted, if not beside the images
         "sections": ["impression", "findings"],
@@ -60,6 +61,7 @@ class MimicCxrJpg(Adapter):
         "labeler": "chexpert",  # chexpert | negbio: which label CSV
         "uncertain_policy": "zeros",
         "empty_reports": "skip",  # skip | error
+        "patient_overlap": "refuse",  # refuse | repair: a subject in several official splits (bench/data/adapter.py)
     }
     synthetic = Synthetic("mimic-cxr-jpg", {"tiny": 96, "small": 2000, "medium": 12000},  # studies
                           "bench.data.synth.writers:write_mimic_cxr_jpg")

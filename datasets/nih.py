@@ -11,17 +11,22 @@ expected at `images/<name>`.
 Splits: with the official `test_list.txt`, test is its images and every other image is train or val by
 patient hash (`val_fraction`, default 0.1); `train_val_list.txt` is the complement and not needed.
 Without it, a patient hash split: `val_fraction` val, `test_fraction` (default 0.2) test, the rest train.
+A patient with images both in `test_list.txt` and outside it is refused when the dataset is loaded, as by
+every adapter (`patient_overlap: refuse`, bench/data/adapter.py); `repair` moves their images to the split
+holding most of them.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
+from bench.core.checks import Check
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 from bench.core.registry import register_adapter
-from bench.data.adapter import (Adapter, Synthetic, finding_task, fraction_setting, hash_split, patient_fold, read_csv,
-                                require_columns)
+from bench.data.adapter import (Adapter, Synthetic, finding_task, fraction_setting, hash_split, patient_fold,
+                                patient_overlap_check, read_csv, require_columns)
 
 np = lazy_module("numpy")
 pd = lazy_module("pandas")
@@ -75,7 +80,9 @@ class Nih(Adapter):
         "metadata": None,  # null = Data_Entry_2017_v2020.csv, else Data_Entry_2017.csv
         "val_fraction": 0.1,
         "test_fraction": 0.2,  # only without the official train_val_list.txt/test_list.txt
+        "patient_overlap": "refuse",  # refuse | repair: a patient in several splits (bench/data/adapter.py)
     }
+    setting_checks: ClassVar[dict[str, Check]] = {"patient_overlap": patient_overlap_check}
     synthetic = Synthetic("ChestX-ray14", {"tiny": 100, "small": 1000, "medium": 5000},  # patients, 60% test
                           "bench.data.synth.png_writers:write_nih")
 
@@ -131,8 +138,4 @@ class Nih(Adapter):
             name = min(absent, key=listed.get)
             raise UserError(f"{test_list}: line {listed[name]}: image {name!r} is not in {metadata.name}")
         is_test = names.isin(list(listed)).to_numpy()
-        mixed = np.intersect1d(patients[is_test].unique(), patients[~is_test].unique())
-        if len(mixed):
-            raise UserError(f"{test_list}: patient {mixed[0]} has images both in it and outside it; "
-                            f"the official split is patient-disjoint")
         return np.where(is_test, "test", np.where(patient_fold(patients, "nih-val") < val, "val", "train"))

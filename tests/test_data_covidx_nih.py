@@ -180,12 +180,17 @@ def test_covidx_bad_lines_name_file_and_line(tmp_path, line, message):
         Covidx(tmp_path).read()
 
 
-def test_covidx_keeps_a_patient_of_two_files_only_in_test_and_rejects_conflicting_lines(tmp_path, capsys):
+def test_covidx_repairs_a_patient_of_two_files_by_default_and_rejects_conflicting_lines(tmp_path, capsys):
     (tmp_path / "train.txt").write_text("p1 a.png positive ricord\np1 a.png positive ricord\np2 b.png negative rsna\n")
     (tmp_path / "test.txt").write_text("p1 c.png positive ricord\n")
-    assert sorted(Covidx(tmp_path).read()["sample_id"]) == ["test/c.png", "train/b.png"]
-    assert "dropped 1 image(s) of 1 patient(s) also listed in a later split; first: train.txt: train/a.png" \
-        in capsys.readouterr().err
+    adapter = Covidx(tmp_path)
+    manifest = adapter.patient_disjoint(adapter.read())  # the check loading applies; COVIDx repairs by default
+    assert dict(zip(manifest["sample_id"], manifest["split"])) == {"train/a.png": "test", "train/b.png": "train",
+                                                                   "test/c.png": "test"}  # a tie goes to test
+    assert "moved 1 image(s) of 1 patient(s) found in several splits" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"covidx \(.*\): 1 patient\(s\) have images in more than one split \(e.g. "
+                                        r"patient ricord:p1: 1 in train, 1 in test image\(s\)\).*patient_overlap=repair"):
+        Covidx(tmp_path, {"patient_overlap": "refuse"}).patient_disjoint(adapter.read())
     (tmp_path / "test.txt").write_text("p3 c.png positive ricord\np3 c.png negative ricord\n")
     with pytest.raises(UserError, match=r"test.txt: lines 1 and 2: file 'c.png'"):
         Covidx(tmp_path).read()
@@ -314,7 +319,12 @@ def test_nih_missing_metadata_and_a_test_list_that_splits_a_patient(tmp_path):
     rows = [f"0000000{p}_00{k}.png,No Finding,{k},{p},50,F,PA,1,1,0.1,0.1," for p in (1, 2) for k in (0, 1)]
     root = _nih_root(tmp_path, NIH_HEADER, rows)
     (root / "test_list.txt").write_text("00000002_000.png\n")
-    with pytest.raises(UserError, match="test_list.txt: patient 2 has images both in it and outside it"):
-        Nih(root).read()
+    split = Nih(root).read()  # the patient check every adapter shares refuses it when the dataset is loaded
+    with pytest.raises(UserError, match=r"nih \(.*\): 1 patient\(s\) have images in more than one split \(e.g. "
+                                        r"patient 2: 1 in (train|val), 1 in test image\(s\)\); splits must be "
+                                        r"patient-disjoint: fix the split files, or set data.nih.patient_overlap=repair"):
+        Nih(root).patient_disjoint(split)
+    repaired = Nih(root, {"patient_overlap": "repair"}).patient_disjoint(split)
+    assert list(repaired["split"][2:]) == ["test", "test"]  # a tie: test
     (root / "test_list.txt").write_text("00000002_000.png 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n00000002_001.png\n")
     assert list(Nih(root).read()["split"][2:]) == ["test", "test"]

@@ -9,8 +9,7 @@ from tests_support import bench_cli
 
 from bench.core.errors import UserError
 from bench.core.registry import DATASETS
-from bench.data.adapter import MANIFEST_COLUMNS
-from bench.data.loading import patients_in_several_splits
+from bench.data.adapter import MANIFEST_COLUMNS, PATIENT_OVERLAP, make_patient_disjoint, patients_in_several_splits
 from bench.data.synth import dataset_dir
 from bench.datasets.chexpert import COMPETITION, FIVE_BY_200_ZERO
 from bench.evaluation.prompt_sets import get_prompt_set, prompt_set_names
@@ -29,6 +28,8 @@ def test_every_adapter_yields_the_manifest_with_patient_disjoint_splits(data_hom
     assert list(manifest.columns[:4]) == MANIFEST_COLUMNS and set(task.labels) <= set(manifest.columns)
     assert manifest["sample_id"].is_unique
     assert patients_in_several_splits(manifest) == []
+    assert adapter.patient_disjoint(manifest) is manifest  # the synthetic copies pass the shared check as they are
+    assert adapter.settings_owner().defaults.get("patient_overlap", "refuse") in PATIENT_OVERLAP
     assert {"train", "test"} <= set(manifest["split"])
     y = manifest[task.labels].to_numpy()
     assert set(np.unique(y)) <= {0.0, 1.0}
@@ -186,3 +187,55 @@ def test_broken_settings_and_compressed_metadata_are_one_line_errors(tmp_path, d
     out = bench_cli("data", "inspect", "chexpert", "--root", str(_root(data_home, "chexpert")),
                     "--set", "frontal_only=[oops")
     assert out.returncode == 2 and "bad dataset setting" in out.stderr and "Traceback" not in out.stderr
+
+
+def _overlapping() -> pd.DataFrame:
+    """Patient a: 2 train, 1 test; b: 1 val, 1 test (a tie); c: train only; d: 1 train and a named set."""
+    rows = [("a1", "a", "train"), ("a2", "a", "train"), ("a3", "a", "test"), ("b1", "b", "val"), ("b2", "b", "test"),
+            ("c1", "c", "train"), ("d1", "d", "train"), ("d2", "d", "5x200")]
+    return pd.DataFrame(rows, columns=["sample_id", "patient_id", "split"]).assign(image_path="x")
+
+
+def test_a_patient_in_several_splits_is_refused_naming_it_or_moved_to_their_main_split(capsys):
+    manifest = _overlapping()
+    with pytest.raises(UserError) as err:
+        make_patient_disjoint(manifest, "toy", "refuse", "data.toy.patient_overlap")
+    assert str(err.value) == ("toy: 2 patient(s) have images in more than one split (e.g. patient a: 2 in train, 1 in "
+                              "test image(s)); splits must be patient-disjoint: fix the split files, or set "
+                              "data.toy.patient_overlap=repair to move each such patient's images to the split "
+                              "holding most of them")
+    repaired = make_patient_disjoint(manifest, "toy", "repair")
+    assert list(repaired["split"]) == ["train", "train", "train", "test", "test", "train", "train", "5x200"]
+    assert patients_in_several_splits(repaired) == [] and list(manifest["split"])[2] == "test"  # input untouched
+    assert "moved 2 image(s) of 2 patient(s)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="data.toy.patient_overlap must be one of refuse, repair, got 'drop'"):
+        make_patient_disjoint(manifest, "toy", "drop", "data.toy.patient_overlap")
+
+
+def test_official_splits_of_mimic_and_chexpert_go_through_the_patient_check(tmp_path, data_home):
+    root = tmp_path / "mimic"
+    shutil.copytree(_root(data_home, "mimic-cxr"), root, ignore=shutil.ignore_patterns("files"))
+    adapter = DATASETS.get("mimic-cxr")(root)
+    manifest = adapter.read(with_reports=False)
+    train, test = (manifest[manifest["split"] == s].iloc[0] for s in ("train", "test"))
+    meta_file = root / "mimic-cxr-2.0.0-metadata.csv.gz"
+    meta = pd.read_csv(meta_file)
+    meta.loc[meta["dicom_id"].astype(str) == test.sample_id, "subject_id"] = int(train.patient_id)
+    meta.to_csv(meta_file, index=False, compression="gzip")  # the official split lists that subject in train and test
+    planted = adapter.read(with_reports=False)
+    with pytest.raises(UserError, match=rf"mimic-cxr \(.*\): 1 patient\(s\) have images in more than one split "
+                                        rf"\(e.g. patient {train.patient_id}: 1 in train, 1 in test image\(s\)\); .*"
+                                        rf"data.mimic-cxr.patient_overlap=repair"):
+        adapter.patient_disjoint(planted)
+    repaired = DATASETS.get("mimic-cxr")(root, {"patient_overlap": "repair"}).patient_disjoint(planted)
+    assert repaired.set_index("sample_id").loc[[train.sample_id, test.sample_id], "split"].tolist() == ["test", "test"]
+
+    chexpert = tmp_path / "chexpert"
+    shutil.copytree(_root(data_home, "chexpert"), chexpert, ignore=shutil.ignore_patterns("*.jpg"))
+    train, valid = pd.read_csv(chexpert / "train.csv"), pd.read_csv(chexpert / "valid.csv")
+    patient = valid["Path"].str.extract(r"(patient\d+)", expand=False).iloc[0]
+    moved = train.iloc[[0]].assign(Path=lambda d: d["Path"].str.replace(r"patient\d+", patient, regex=True))
+    pd.concat([train, moved]).to_csv(chexpert / "train.csv", index=False)  # a valid.csv patient also in training
+    adapter = DATASETS.get("chexpert")(chexpert)
+    with pytest.raises(UserError, match=rf"chexpert \(.*\): 1 patient\(s\) .*e.g. patient {patient}: 1 in "):
+        adapter.patient_disjoint(adapter.read())

@@ -66,19 +66,59 @@ def test_a_replicate_equals_scikit_learn_on_the_explicitly_resampled_data(kind):
             assert out["replicates"][name][b] == pytest.approx(value, abs=1e-12, nan_ok=True), (name, b)
 
 
-def test_a_resample_without_positives_of_a_class_leaves_it_out_and_a_metric_undefined_everywhere_is_nan():
+def test_a_resample_without_positives_of_a_point_estimate_class_has_no_macro_auc():
     y = np.zeros((30, 2))
     y[10, 0] = 1.0  # class 0 has one positive, so about a third of the resamples miss it
     y[:15, 1] = 1.0
     s = np.linspace(0, 1, 30)[:, None] * np.array([-1.0, -1.0])  # class 1 perfectly separated
     out = bootstrap("multi-label", y, s, None, resamples=200)
+    want = np.full(200, np.nan)
     for b in range(200):
-        class_0_defined = 10 in resample_indices(30, b)
-        want = (roc_auc_score(y[resample_indices(30, b), 0], s[resample_indices(30, b), 0]) + 1) / 2 \
-            if class_0_defined else 1.0
-        assert out["replicates"]["auc"][b] == pytest.approx(want)
+        rows = resample_indices(30, b)
+        if 10 in rows:  # every replicate averages both classes, as the point estimate does, or is NaN
+            want[b] = (roc_auc_score(y[rows, 0], s[rows, 0]) + 1) / 2
+    assert np.isnan(want).sum() > 40
+    np.testing.assert_allclose(out["replicates"]["auc"], want, rtol=0, atol=1e-12)
+    # the interval is the percentile interval of the replicates that keep every class, restricted by hand
+    assert out["ci"]["auc"] == pytest.approx(list(np.percentile(want[np.isfinite(want)], [2.5, 97.5])))
     lonely = bootstrap("binary", np.zeros((20, 1)), np.ones((20, 1)), None, resamples=10)
     assert np.isnan(lonely["replicates"]["auc"]).all() and np.isnan(lonely["ci"]["auc"]).all()
+
+
+def test_a_class_absent_from_the_test_split_stays_out_of_every_replicate():
+    y, s = _multi_label(20, n=120)
+    y[:, 0] = 0.0  # undefined in the point estimate: neither it nor any replicate averages it
+    out = bootstrap("multi-label", y, s, None, resamples=30, seed=2)
+    for b in (0, 11, 29):
+        rows = resample_indices(len(y), b, seed=2)
+        want = np.mean([roc_auc_score(y[rows, c], s[rows, c]) for c in (1, 2)])
+        assert out["replicates"]["auc"][b] == pytest.approx(want, abs=1e-12)
+
+
+def test_macro_nan_replicates_depend_on_the_truth_only_so_paired_differences_stay_paired():
+    rng = np.random.default_rng(21)
+    y = (rng.random((80, 3)) < [0.0, 0.2, 0.5]).astype(float)
+    y[:2, 0] = 1.0  # a class of two positives: many resamples lose it
+    first, second = rng.random((80, 3)), y + rng.random((80, 3))
+    a = bootstrap("multi-label", y, first, None, resamples=100, seed=1)["replicates"]["auc"]
+    b = bootstrap("multi-label", y, second, None, resamples=100, seed=1)["replicates"]["auc"]
+    assert 0 < np.isnan(a).sum() < 100 and np.array_equal(np.isnan(a), np.isnan(b))
+    res = paired_bootstrap([a], [b], seed=0)
+    assert res["ci"] == pytest.approx(list(np.percentile((a - b)[np.isfinite(a)], [2.5, 97.5])))
+
+
+def test_rare_classes_are_those_with_few_positives_or_negatives():
+    y = np.zeros((50, 4))
+    y[:2, 0] = 1.0  # 2 positives
+    y[:20, 1] = 1.0
+    y[:47, 2] = 1.0  # 3 negatives
+    assert stats.rare_classes(y, ["a", "b", "c", "d"]) == {
+        "a": {"positives": 2, "negatives": 48}, "c": {"positives": 47, "negatives": 3},
+        "d": {"positives": 0, "negatives": 50}}
+    y[:stats.RARE_CLASS_COUNT, 0] = 1.0
+    assert "a" not in stats.rare_classes(y, ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="2 labels for 4 label columns"):
+        stats.rare_classes(y, ["a", "b"])
 
 
 def test_resamples_are_evaluated_in_chunks_without_changing_them(monkeypatch):
@@ -256,9 +296,36 @@ def test_delong_over_several_classes_tests_the_macro_auc_difference():
 def test_delong_of_identical_models_and_of_undefined_auc():
     y, s = _multi_label(19, n=100)
     same = delong(y, s, s)
-    assert same["delta"] == 0 and same["p"] == 1.0
+    assert same["delta"] == 0 and same["p"] == 1.0 and same["reason"] == ""
     undefined = delong(np.zeros(10), np.arange(10.0), np.arange(10.0))
     assert np.isnan(undefined["p"]) and np.isnan(undefined["delta"])
+    assert undefined["untested"] == {0: "0 positive(s), 10 negative(s): AUC undefined"}
+    assert undefined["reason"] == "no class has at least 2 positives and 2 negatives"
+
+
+def test_delong_leaves_a_class_without_estimable_variance_out_and_says_why():
+    rng = np.random.default_rng(22)
+    y = (rng.random((150, 3)) < 0.3).astype(float)
+    y[:, 1] = 0.0
+    y[7, 1] = 1.0  # one positive: AUC defined, its variance not (pROC: NaN)
+    a = np.round(y + rng.normal(size=y.shape), 1)
+    b = np.round(0.5 * y + rng.normal(size=y.shape), 1)
+    got = delong(y, a, b, labels=["x", "Hernia", "z"])
+    assert got["tested"] == ["x", "z"]
+    assert got["untested"] == {"Hernia": "1 positive(s), 149 negative(s): DeLong needs at least 2 of each"}
+    hernia = got["per_class"]["Hernia"]
+    assert np.isnan(hernia["se"]) and np.isnan(hernia["p"]) and np.isnan(hernia["z"])
+    assert hernia["delta"] == pytest.approx(roc_auc_score(y[:, 1], a[:, 1]) - roc_auc_score(y[:, 1], b[:, 1]))
+    for c, name in ((0, "x"), (2, "z")):  # a tested class is DeLong's one-class test, written out pairwise
+        _, se, p = _delong_reference(y[:, c], a[:, c], b[:, c])
+        assert got["per_class"][name]["se"] == pytest.approx(se, rel=1e-9)
+        assert got["per_class"][name]["p"] == pytest.approx(p, rel=1e-7)
+    # the macro test is that of the tested classes alone: delta, AUCs, se and p
+    alone = delong(y[:, [0, 2]], a[:, [0, 2]], b[:, [0, 2]])
+    for key in ("delta", "se", "z", "p", "auc_a", "auc_b"):
+        assert got[key] == pytest.approx(alone[key], rel=1e-12), key
+    everything_rare = delong(y[:, 1], a[:, 1], b[:, 1])
+    assert np.isnan(everything_rare["p"]) and "at least 2 positives and 2 negatives" in everything_rare["reason"]
 
 
 def test_holm_adjusts_in_input_order():

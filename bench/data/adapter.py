@@ -3,14 +3,17 @@
 A manifest is a pandas DataFrame with one row per image: `sample_id`, `patient_id`, `image_path`
 (absolute), `split` (train/val/test, plus named evaluation sets such as CheXpert's `5x200`), one float
 column per label of the task (0/1 after the uncertain-label policy; one-hot for multi-class tasks) and
-`report` where the dataset has reports. Splits are patient-disjoint. `manifest.attrs["uncertain"]` counts
-the raw uncertain (-1) values per label before any policy.
+`report` where the dataset has reports. Splits are patient-disjoint: every manifest goes through
+`Adapter.patient_disjoint` when its dataset is loaded, which refuses a patient with images in several of
+train, val and test, or with `data.<name>.patient_overlap: repair` moves them (`make_patient_disjoint`).
+`manifest.attrs["uncertain"]` counts the raw uncertain (-1) values per label before any policy.
 """
 from __future__ import annotations
 
 import csv
 import gzip
 import hashlib
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 from omegaconf import DictConfig
 
-from bench.core.checks import Check
+from bench.core.checks import Check, one_of
 from bench.core.errors import UserError
 from bench.core.lazy import lazy_module
 
@@ -26,6 +29,13 @@ np = lazy_module("numpy")
 pd = lazy_module("pandas")
 
 MANIFEST_COLUMNS = ["sample_id", "patient_id", "image_path", "split"]
+# the splits no patient may share; a named evaluation set (CheXpert's 5x200) is drawn from them on purpose
+PATIENT_SPLITS = ("train", "val", "test")
+# `data.<name>.patient_overlap`: what to do with a patient found in several PATIENT_SPLITS. Adapters whose split
+# files can do that (MIMIC-CXR, CheXpert, NIH, COVIDx) declare it; the others split by patient hash, so only a bug
+# could put a patient on both sides, and it is refused
+PATIENT_OVERLAP = ("refuse", "repair")
+patient_overlap_check = one_of(PATIENT_OVERLAP)
 
 
 @dataclass(frozen=True)
@@ -120,12 +130,79 @@ class Adapter:
 
         return sidecar_mask(row["image_path"])
 
+    def labels_as_written(self, manifest: pd.DataFrame) -> pd.DataFrame | None:
+        """The task's labels of `manifest` as the files state them, indexed by sample id, for the disease-kind
+        prompts of image-only pretraining: 1, 0 (stated negative), -1 (uncertain), NaN (not mentioned); None
+        where the manifest's labels are that already. By default, for an adapter with an uncertainty policy
+        (CheXpert, MIMIC-CXR), the files read again with `uncertain_policy: keep`."""
+        if "uncertain_policy" not in self.cfg:
+            return None
+        from omegaconf import OmegaConf
+
+        from bench.core.hashing import to_plain
+
+        kept = type(self)(self.root, OmegaConf.create({**to_plain(self.cfg), "uncertain_policy": "keep"}))
+        return kept.read(with_reports=False).set_index("sample_id")[self.task.labels]
+
+    def patient_disjoint(self, manifest: pd.DataFrame) -> pd.DataFrame:
+        """`manifest` with no patient in several of train, val and test, by `data.<key>.patient_overlap` (the
+        adapter's default where the settings lack it): the one patient check every adapter's manifest goes
+        through when its dataset is loaded."""
+        policy = self.cfg.get("patient_overlap", self.defaults.get("patient_overlap", "refuse"))
+        return make_patient_disjoint(manifest, f"{self.name} ({self.root})", policy,
+                                     f"data.{self.settings_key()}.patient_overlap")
+
     def require(self, *names: str) -> Path:
         """The first of `names` that exists under the root, or a clear error naming what is missing."""
         for name in names:
             if (self.root / name).exists():
                 return self.root / name
         raise UserError(f"{self.name}: {self.root} has none of {', '.join(names)}")
+
+
+def patient_split_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images per split (columns in PATIENT_SPLITS order) of each patient with images in more than one of
+    PATIENT_SPLITS, indexed by patient id (as text, sorted)."""
+    main = manifest[manifest["split"].isin(PATIENT_SPLITS)]
+    splits = main.groupby("patient_id")["split"].nunique()
+    shared = main[main["patient_id"].isin(splits.index[splits > 1])]
+    counts = pd.crosstab(shared["patient_id"].astype(str), shared["split"]) if len(shared) else pd.DataFrame()
+    return counts.reindex(columns=[s for s in PATIENT_SPLITS if s in counts.columns]).sort_index()
+
+
+def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
+    """Patients with images in more than one of train, val and test, sorted."""
+    return list(patient_split_counts(manifest).index)
+
+
+def make_patient_disjoint(manifest: pd.DataFrame, dataset: str, policy: str = "refuse",
+                          setting: str = "patient_overlap") -> pd.DataFrame:
+    """`manifest` if no patient has images in several of train, val and test. Otherwise `policy` "refuse"
+    raises an error naming the dataset, the count and an example; "repair" moves each such patient's images
+    to the split holding most of them, and on a tie to the later of train, val, test (so a tie never takes
+    images out of the official test set, and the fewest images change split otherwise), and says so on stderr.
+    Rows of other splits (named evaluation sets) stay as they are."""
+    if policy not in PATIENT_OVERLAP:
+        raise UserError(f"{setting} must be one of {', '.join(PATIENT_OVERLAP)}, got {policy!r}")
+    counts = patient_split_counts(manifest)
+    if counts.empty:
+        return manifest
+    example = counts.index[0]
+    found = ", ".join(f"{n} in {split}" for split, n in counts.loc[example].items() if n)
+    if policy == "refuse":
+        raise UserError(f"{dataset}: {len(counts)} patient(s) have images in more than one split (e.g. patient "
+                        f"{example}: {found} image(s)); splits must be patient-disjoint: fix the split files, or set "
+                        f"{setting}=repair to move each such patient's images to the split holding most of them")
+    target = counts[counts.columns[::-1]].idxmax(axis=1)  # idxmax takes the first maximum: the later split
+    patients = manifest["patient_id"].astype(str)
+    moved = manifest["split"].isin(PATIENT_SPLITS) & patients.isin(target.index)
+    out = manifest.copy()
+    out.loc[moved, "split"] = patients[moved].map(target)
+    changed = int((out["split"] != manifest["split"]).sum())
+    print(f"bench: {dataset}: moved {changed} image(s) of {len(counts)} patient(s) found in several splits to the "
+          f"split holding most of each one's images (ties: test, then val); e.g. patient {example}: {found} -> "
+          f"{target[example]}", file=sys.stderr)
+    return out
 
 
 def patient_fold(patient_ids: Iterable[str], salt: str) -> np.ndarray:

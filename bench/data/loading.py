@@ -1,6 +1,7 @@
 """Loading a dataset: the one way every part of the harness gets one (evaluation, the pretraining corpus,
 sweeps, `bench mask`). A dataset is its adapter's manifest read from its root (or from its copy in the
-synthetic benchmark, generated on first use), checked to keep every patient in one split, with its frozen
+synthetic benchmark, generated on first use), checked (or, by `data.<name>.patient_overlap`, repaired) to keep
+every patient in one split, with its frozen
 split files, the image cache and the model preset's preprocessing."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bench.core.errors import UserError
 from bench.core.hashing import to_plain
@@ -59,16 +60,9 @@ def dataset_root(cfg: DictConfig, name: str) -> Path:
     from bench.data.synth import dataset_dir, ensure_synthetic
 
     syn = cfg.data.synthetic
-    root = ensure_synthetic(Path(os.path.expanduser(syn.root)), syn.size, int(syn.seed), difficulty=syn.difficulty)
+    root = ensure_synthetic(Path(os.path.expanduser(syn.root)), syn.size, int(syn.seed), difficulty=syn.difficulty,
+                            datasets=[name])
     return root / dataset_dir(name)
-
-
-def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
-    """Patients with images in more than one of train, val and test (a named evaluation set such as
-    CheXpert's 5x200 is drawn from these splits on purpose and is not counted)."""
-    main = manifest[manifest["split"].isin(("train", "val", "test"))]
-    counts = main.groupby("patient_id")["split"].nunique()
-    return sorted(counts[counts > 1].index.astype(str))
 
 
 @dataclass
@@ -123,14 +117,8 @@ def load_dataset(cfg: DictConfig, name: str, with_reports: bool = False, labels_
     manifest = adapter.read(with_reports=with_reports)
     if manifest.empty:
         raise UserError(f"{name}: no usable samples under {adapter.root}")
-    shared = patients_in_several_splits(manifest)
-    if shared:
-        raise UserError(f"{name}: {len(shared)} patient(s) have images in more than one split under {adapter.root} "
-                        f"(e.g. {shared[0]}); splits must be patient-disjoint")
-    written = None
-    if labels_as_written and "uncertain_policy" in settings:
-        kept = DATASETS.get(name)(root, OmegaConf.create({**to_plain(settings), "uncertain_policy": "keep"}))
-        written = kept.read(with_reports=False).set_index("sample_id")[adapter.task.labels]
+    manifest = adapter.patient_disjoint(manifest)
+    written = adapter.labels_as_written(manifest) if labels_as_written else None
     splits = materialise(manifest, adapter.task, name, cfg.data.splits_dir)
     workers = cfg.runtime.get("decode_workers") or os.cpu_count() or 1
     return LoadedDataset(name, manifest, adapter.task, splits, ImageCache(cfg.data.cache_dir,

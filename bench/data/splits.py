@@ -4,10 +4,19 @@ Files live in `<splits_dir>/<dataset>/<content hash>/`: `train.txt`, `val.txt`, 
 evaluation set, e.g. `5x200.txt`), `train_1.txt`, `train_10.txt` (1% and 10% of train; other fractions on
 first use; `train_1_seed3.txt` where each evaluation seed draws its own subset), one sample id per line,
 sorted, with `SHA256SUMS` beside them. The folder name hashes the
-manifest's (sample id, split) assignment, so a changed dataset never reuses stale lists, and an unchanged
-one reuses the same files run after run. Fractions are nested (1% within 10%), drawn with a fixed seed,
-and stratified by class for binary and multi-class tasks (as BenchX does); multi-label tasks, where no
-single stratum exists, take a plain random sample (as MGCA/MRM do). Each class keeps at least one sample.
+manifest's (sample id, patient id, split, labels) assignment and the rule that draws fractions
+(`FRACTION_RULE`), so a changed dataset or rule never reuses stale lists, and an unchanged one reuses the
+same files run after run.
+
+A fraction is drawn by patient: a share of the training patients with all their images, so that the images
+of one patient never stand in for independent samples (a manifest without patient ids counts each image as
+its own patient). Fractions are nested (1% within 10%), drawn with a fixed seed, independent of the
+manifest's row order, and stratified by class for binary and multi-class tasks (as BenchX does): a patient's
+stratum is, for a binary task, whether any of their images is positive and, for a multi-class task, their
+most frequent class (ties: the first in label order). Multi-label tasks, where no single stratum exists,
+take a plain random sample of patients (as MGCA/MRM do). Every class keeps at least one sample: the first
+patient in the drawn order holding a positive of each class (for binary tasks, also a negative) comes first
+in its stratum, so it is in every fraction and the fractions stay nested.
 """
 from __future__ import annotations
 
@@ -27,6 +36,9 @@ from bench.core.io import UnwritableDestination, atomic_write_text
 from bench.data.adapter import Task
 
 FRACTION_SEED = 42
+# part of the split folder's key: a changed drawing rule gets new folders and never reuses old lists (v1 drew
+# images, not patients)
+FRACTION_RULE = "fractions by patient v2"
 DEFAULT_FRACTIONS = (0.01, 0.1)
 SUMS = "SHA256SUMS"
 
@@ -68,24 +80,42 @@ def _ids_text(ids) -> str:
     return "".join(f"{i}\n" for i in sorted(map(str, ids)))
 
 
-def _strata(train: pd.DataFrame, task: Task) -> list[np.ndarray]:
+def _patients(train: pd.DataFrame) -> np.ndarray:
+    """Each row's patient; a row without one (or a manifest without the column) is its own patient."""
+    own = ("sample:" + train["sample_id"].astype(str)).to_numpy()
+    if "patient_id" not in train:
+        return own
+    return np.where(train["patient_id"].notna(), train["patient_id"].astype(str).to_numpy(), own)
+
+
+def _strata(sums: np.ndarray, task: Task) -> list[np.ndarray]:
+    """Patient indices per stratum, from each patient's label sums over their images."""
     if task.multilabel and len(task.labels) > 1:
-        return [np.arange(len(train))]
-    y = train[task.labels].to_numpy(dtype=float)
-    key = y[:, 0] if len(task.labels) == 1 else y.argmax(1)
+        return [np.arange(len(sums))]
+    key = sums[:, 0] > 0 if len(task.labels) == 1 else sums.argmax(1)
     return [np.flatnonzero(key == k) for k in np.unique(key)]
 
 
 def fraction_ids(train: pd.DataFrame, task: Task, fraction: float, seed: int = FRACTION_SEED) -> list[str]:
-    """The sample ids of a `fraction` of `train`: nested across fractions of one seed, stratified where it
-    can be, and independent of the manifest's row order."""
-    train = train.sort_values("sample_id", key=lambda ids: ids.astype(str))
-    rng = np.random.default_rng(seed)
+    """The sample ids of a `fraction` of `train`'s patients with all their images: nested across fractions of
+    one seed, stratified where it can be, every class kept, and independent of the manifest's row order."""
+    y = train[task.labels].to_numpy(dtype=float) > 0.5
+    patients, patient_of = np.unique(_patients(train), return_inverse=True)  # sorted: no dependence on row order
+    holds = np.concatenate([y, ~y], axis=1) if len(task.labels) == 1 else y
+    sums = np.zeros((len(patients), holds.shape[1]))
+    np.add.at(sums, patient_of, holds)
+    rank = np.empty(len(patients), dtype=int)
+    rank[np.random.default_rng(seed).permutation(len(patients))] = np.arange(len(patients))
+    # per class, the first patient in the drawn order who has it: taken first, whatever the fraction
+    anchors = {int(np.flatnonzero(column)[np.argmin(rank[column])]) for column in (sums > 0).T if column.any()}
     chosen = []
-    for rows in _strata(train, task):
-        order = rows[rng.permutation(len(rows))]
-        chosen.extend(order[:max(1, math.floor(fraction * len(rows) + 0.5))])
-    return train["sample_id"].iloc[sorted(chosen)].astype(str).tolist()
+    for stratum in _strata(sums, task):
+        ordered = stratum[np.argsort(rank[stratum])]
+        first = np.isin(ordered, list(anchors))
+        ordered = np.concatenate([ordered[first], ordered[~first]])
+        chosen.extend(ordered[:max(1, int(first.sum()), math.floor(fraction * len(ordered) + 0.5))])
+    rows = np.isin(patient_of, chosen)
+    return sorted(train["sample_id"].astype(str).to_numpy()[rows].tolist())
 
 
 @dataclass
@@ -153,11 +183,12 @@ class SplitFiles:
 
 def materialise(manifest: pd.DataFrame, task: Task, dataset: str, splits_dir: str | Path) -> SplitFiles:
     """Write (once) and return the split files of `manifest`."""
-    # the key covers what the files are drawn from: ids, splits, the labels that stratify, the seed
-    columns = ["sample_id", "split", *task.labels]
+    # the key covers what the files are drawn from: ids, patients, splits, the labels that stratify, the seed
+    # and the drawing rule
+    columns = ["sample_id", "split", *(["patient_id"] if "patient_id" in manifest else []), *task.labels]
     assignment = manifest[columns].astype(str).sort_values(["split", "sample_id"])
     lines = "".join("\t".join(row) + "\n" for row in assignment.itertuples(index=False))
-    key = _sha256(f"seed {FRACTION_SEED}\n{lines}")[:16]
+    key = _sha256(f"seed {FRACTION_SEED}\n{FRACTION_RULE}\n{lines}")[:16]
     files = SplitFiles(Path(splits_dir).expanduser() / dataset / key, manifest, task)
     for split, ids in manifest.groupby("split")["sample_id"]:
         files._file(f"{split}.txt", ids)

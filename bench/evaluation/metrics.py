@@ -5,7 +5,10 @@ A task is "binary" (one 0/1 label column), "multi-label" (C independent 0/1 colu
 Every metric equals scikit-learn's on the same inputs:
 
 - auc: ROC AUC per class (one-vs-rest for multi-class); NaN for a class whose truth has one value only,
-  which the macro leaves out.
+  which the macro leaves out. The macro averages one fixed set of classes, those defined on the whole split
+  (under unit weights): a weighting in which one of them has one label value only (a bootstrap resample that
+  drew none of a rare class's positives) gives a NaN macro rather than the mean of fewer classes, so every
+  bootstrap replicate is the same quantity as the point estimate.
 - binary / multi-label, at per-class thresholds chosen on the validation split (`choose_thresholds`):
   f1 (`f1_score`, zero_division=0), acc (`accuracy_score`) and mcc (`matthews_corrcoef`, which is 0 where
   its denominator is) per class; the macro is the mean over the classes.
@@ -114,6 +117,9 @@ class WeightedMetrics:
         self.kind = kind
         self.n, self.n_classes = y.shape
         self._auc = [_WeightedAuc(y[:, c] > 0.5, scores[:, c]) for c in range(self.n_classes)]
+        positives = y.sum(axis=0)
+        # the classes the macro AUC averages under every weighting: those of the point estimate
+        self.auc_classes = np.flatnonzero((positives > 0) & (positives < self.n))
         self._confusion: np.ndarray | None = None
         if kind == "multi-class":
             # the weighted confusion matrix is the weight summed over each (true, predicted) pair present
@@ -144,7 +150,7 @@ class WeightedMetrics:
         by_sample = np.ascontiguousarray(weights.T)
         total = by_sample.sum(axis=0)
         per_class = {"auc": np.stack([auc(by_sample, total) for auc in self._auc], axis=1)}
-        macro_values = {"auc": _mean_where_defined(per_class["auc"])}
+        macro_values = {"auc": _macro_auc(per_class["auc"], self.auc_classes)}
         if self.kind == "multi-class":
             class_values, overall = self._multi_class(by_sample)
             per_class.update(class_values)
@@ -227,12 +233,11 @@ def _mcc(correct: np.ndarray, true_sums: np.ndarray, predicted_sums: np.ndarray,
     return np.divide(covariance, np.sqrt(spread), out=np.zeros_like(covariance, dtype=float), where=spread != 0)
 
 
-def _mean_where_defined(values: np.ndarray) -> np.ndarray:
-    """Row means over the finite entries; NaN for a row without any (no warning, unlike np.nanmean)."""
-    defined = np.isfinite(values)
-    count = defined.sum(axis=1)
-    total = np.where(defined, values, 0.0).sum(axis=1)
-    return np.divide(total, count, out=np.full(len(values), np.nan), where=count > 0)
+def _macro_auc(values: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Row means over `classes`; NaN for a row where one of them is NaN, or for every row without classes."""
+    if not len(classes):
+        return np.full(len(values), np.nan)
+    return values[:, classes].mean(axis=1)
 
 
 def task_metrics(kind: str, y: np.ndarray, scores: np.ndarray, labels: list[str],

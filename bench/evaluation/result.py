@@ -13,7 +13,7 @@ from bench.core.errors import UserError
 from bench.data.adapter import Task
 from bench.evaluation.features import ids_sha256, predictions_frame
 from bench.evaluation.metrics import choose_thresholds, task_metrics
-from bench.evaluation.stats import bootstrap
+from bench.evaluation.stats import bootstrap, rare_classes
 
 
 def val_thresholds(task: Task, y_val: np.ndarray, scores_val: np.ndarray) -> np.ndarray | None:
@@ -59,6 +59,7 @@ class ProtocolResult:
             chosen["thresholds"] = {c: float(t) for c, t in zip(labels, self.thresholds)}
         return {
             "metrics": metrics, "per_class": per_class, "n_test": len(self.y), "chosen": chosen,
+            "rare_classes": rare_classes(self.y, labels),
             "bootstrap": {"resamples": draws["resamples"], "seed": draws["seed"], "confidence": draws["confidence"],
                           "test_ids_sha256": ids_sha256(self.test_rows["sample_id"]),
                           "ci": draws["ci"],

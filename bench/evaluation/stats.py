@@ -1,6 +1,7 @@
 """Uncertainty and significance of benchmark numbers: bootstrap intervals over test samples, intervals of a
 mean over training seeds, paired comparisons of two methods on one test set, DeLong's test for ROC AUC,
-and Holm's correction for multiple comparisons.
+Holm's correction for multiple comparisons, and the classes too rare in a test split for these to be
+reliable (`rare_classes`).
 
 Bootstrap resample b of a test set of n samples depends on (n, b, seed) only, never on the scores, so
 replicate b of every record on the same test set was computed on the same resample. That is what makes
@@ -50,8 +51,12 @@ def bootstrap(kind: str, y: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
 
     Rows are resampled with replacement; the thresholds stay fixed (they came from validation). Returns
     {"resamples", "seed", "confidence", "ci": {metric: [lo, hi]}, "replicates": {metric: (resamples,)}}.
-    A resample where a metric is undefined (AUC of a class drawn with one label value only in every class)
-    gives NaN for it, and the interval uses the finite replicates.
+    The macro AUC of every replicate averages the classes of the point estimate (those defined on the whole
+    test split): a resample that draws one of them with one label value only gives NaN, and the interval uses
+    the finite replicates. Whether a replicate is NaN depends on the truth and the resample only, never on the
+    scores, so all records on one test set have NaN at the same replicates and paired differences stay paired.
+    Classes with very few positives make such replicates frequent and the interval fragile: `rare_classes`
+    names them for the record.
     """
     if resamples < 1:
         raise ValueError(f"need at least one resample, got {resamples}")
@@ -68,6 +73,26 @@ def bootstrap(kind: str, y: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
     return {"resamples": resamples, "seed": seed, "confidence": confidence,
             "ci": {name: percentile_ci(values, confidence) for name, values in replicates.items()},
             "replicates": replicates}
+
+
+# a class with fewer positives (or negatives) than this in the test split is flagged in its records and tables:
+# a resample misses all k of them with probability about e^-k (1 in 150 at k = 5, 1 in 7 at k = 2), and its AUC
+# rests on a handful of samples, so the macro's interval is conditional on drawing them and its per-class value
+# moves by 1/k with one sample
+RARE_CLASS_COUNT = 5
+
+
+def rare_classes(y: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{class: {"positives", "negatives"}} of the classes with fewer than RARE_CLASS_COUNT of either in `y`
+    (the test truth, (n, C) or (n,)), in label order; a class without one of them is listed too (its AUC is
+    undefined and left out of the macro)."""
+    y = np.asarray(y, dtype=float)
+    y = y[:, None] if y.ndim == 1 else y
+    if y.shape[1] != len(labels):
+        raise ValueError(f"{len(labels)} labels for {y.shape[1]} label columns")
+    positives = (y > 0.5).sum(axis=0)
+    return {str(label): {"positives": int(p), "negatives": int(len(y) - p)}
+            for label, p in zip(labels, positives) if min(p, len(y) - p) < RARE_CLASS_COUNT}
 
 
 def _replicate_matrix(replicates: Sequence[np.ndarray]) -> np.ndarray:
@@ -151,51 +176,87 @@ def _structural_components(positive: np.ndarray, scores: np.ndarray) -> tuple[np
 
 
 def _scaled_deviation(values: np.ndarray, mean: float) -> np.ndarray:
-    """(values - mean) / sqrt(k (k - 1)): squared and summed, the variance of the mean of k values (ddof=1).
-    A group of one sample has no estimable variance and contributes nothing."""
+    """(values - mean) / sqrt(k (k - 1)): squared and summed, the variance of the mean of k >= 2 values (ddof=1)."""
     k = len(values)
-    return (values - mean) / np.sqrt(k * (k - 1)) if k > 1 else np.zeros(k)
+    return (values - mean) / np.sqrt(k * (k - 1))
 
 
-def delong(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
+# DeLong's variance of a class's AUC holds the sample variances (ddof=1) of both groups' structural
+# components: with fewer than two positives or negatives it is not estimable (pROC gives NaN; treating a group
+# of one as of zero variance, as a plain formula does, understates it)
+DELONG_MIN_PER_GROUP = 2
+
+
+def _z_test(delta: float, se: float) -> tuple[float, float, str]:
+    """(z, two-sided p, why p is NaN or "")."""
+    if se > 0:
+        z = delta / se
+        return float(z), float(2 * norm.sf(abs(z))), ""
+    if delta == 0:  # the models order every (positive, negative) pair alike: nothing to test
+        return 0.0, 1.0, ""
+    return float("nan"), float("nan"), "a difference without estimable variance"
+
+
+def delong(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+           labels: Sequence[str] | None = None) -> dict:
     """DeLong's test for the difference in (macro) ROC AUC of two models scored on the same samples.
 
     y, scores_a, scores_b: (n, C) or (n,); for a multi-class task pass the one-hot y (one-vs-rest per
-    class). With one class this is DeLong et al. (1988): var(diff) = S_aa + S_bb - 2 S_ab with
-    S = S10 / m + S01 / n. With several, the macro difference is the mean of the classes' differences over
-    the classes where AUC is defined, and its variance sums each sample's squared influence on it: on class
-    c's difference a positive has influence (dV10_i - dAUC_c) / sqrt(m_c (m_c - 1)), a negative
-    (dV01_i - dAUC_c) / sqrt(n_c (n_c - 1)), and a sample's influence on the macro is the mean over classes.
-    Returns {"delta", "se", "z", "p", "auc_a", "auc_b"} (two-sided normal p; NaN if no class is defined).
+    class). Per class this is DeLong et al. (1988): var(diff) = S_aa + S_bb - 2 S_ab with S = S10 / m + S01 / n
+    (as pROC). A class with fewer than DELONG_MIN_PER_GROUP positives or negatives has no estimable variance:
+    its se, z and p are NaN, it is listed in "untested" with the reason, and it is left out of the macro test,
+    whose delta (and auc_a, auc_b) is then the mean over the tested classes only, which a caller must show as
+    the difference it tested. The macro variance sums each sample's squared influence on the mean of the tested
+    classes' differences: on class c's difference a positive has influence (dV10_i - dAUC_c) / sqrt(m_c (m_c - 1)),
+    a negative (dV01_i - dAUC_c) / sqrt(n_c (n_c - 1)), and a sample's influence on the macro is their mean.
+    Returns {"delta", "se", "z", "p", "auc_a", "auc_b", "tested", "untested", "per_class", "reason"}: "tested"
+    lists the tested classes, "untested" maps each other class to why, "per_class" maps every class to its own
+    {"auc_a", "auc_b", "delta", "se", "z", "p"}, and "reason" says why p is NaN ("" otherwise). Classes are
+    named by `labels`, else by their column index. Two-sided normal p.
     """
     y, a = task_arrays("multi-label", y, scores_a)
     _, b = task_arrays("multi-label", y, scores_b)
-    positives = y.sum(axis=0)
-    defined = np.flatnonzero((positives > 0) & (positives < len(y)))
-    if not len(defined):
-        nan = float("nan")
-        return {"delta": nan, "se": nan, "z": nan, "p": nan, "auc_a": nan, "auc_b": nan}
+    names = list(range(y.shape[1])) if labels is None else list(labels)
+    if len(names) != y.shape[1]:
+        raise ValueError(f"{len(names)} labels for {y.shape[1]} label columns")
+    nan = float("nan")
     influence = np.zeros(len(y))
-    aucs = np.zeros((len(defined), 2))
-    for row, c in enumerate(defined):
+    tested, untested, per_class, aucs = [], {}, {}, []
+    for c, name in enumerate(names):
         positive = y[:, c] > 0.5
+        m, n = int(positive.sum()), int((~positive).sum())
+        if not (m and n):
+            untested[name] = f"{m} positive(s), {n} negative(s): AUC undefined"
+            per_class[name] = {"auc_a": nan, "auc_b": nan, "delta": nan, "se": nan, "z": nan, "p": nan}
+            continue
         v10, v01 = _structural_components(positive, np.stack([a[:, c], b[:, c]]))
-        aucs[row] = v10.mean(axis=1)
-        difference = aucs[row, 0] - aucs[row, 1]
-        influence[positive] += _scaled_deviation(v10[0] - v10[1], difference)
-        influence[~positive] += _scaled_deviation(v01[0] - v01[1], difference)
-    influence /= len(defined)
-    auc_a, auc_b = aucs.mean(axis=0)
+        auc = v10.mean(axis=1)
+        difference = float(auc[0] - auc[1])
+        result = {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "delta": difference, "se": nan, "z": nan, "p": nan}
+        per_class[name] = result
+        if min(m, n) < DELONG_MIN_PER_GROUP:
+            untested[name] = (f"{m} positive(s), {n} negative(s): DeLong needs at least {DELONG_MIN_PER_GROUP} "
+                              f"of each")
+            continue
+        own = np.zeros(len(y))
+        own[positive] = _scaled_deviation(v10[0] - v10[1], difference)
+        own[~positive] = _scaled_deviation(v01[0] - v01[1], difference)
+        result["se"] = float(np.sqrt(np.sum(own**2)))
+        result["z"], result["p"], _ = _z_test(difference, result["se"])
+        influence += own
+        tested.append(name)
+        aucs.append(auc)
+    out = {"tested": tested, "untested": untested, "per_class": per_class}
+    if not tested:
+        reason = (f"no class has at least {DELONG_MIN_PER_GROUP} positives and {DELONG_MIN_PER_GROUP} negatives"
+                  if untested else "no class")
+        return {"delta": nan, "se": nan, "z": nan, "p": nan, "auc_a": nan, "auc_b": nan, **out, "reason": reason}
+    auc_a, auc_b = np.mean(aucs, axis=0)
     delta = float(auc_a - auc_b)
-    se = float(np.sqrt(np.sum(influence**2)))
-    if se > 0:
-        z = delta / se
-        p = float(2 * norm.sf(abs(z)))
-    elif delta == 0:  # the models order every (positive, negative) pair alike: nothing to test
-        z, p = 0.0, 1.0
-    else:  # a difference without estimable variance (too few samples) has no p-value
-        z = p = float("nan")
-    return {"delta": delta, "se": se, "z": float(z), "p": p, "auc_a": float(auc_a), "auc_b": float(auc_b)}
+    se = float(np.sqrt(np.sum((influence / len(tested))**2)))
+    z, p, reason = _z_test(delta, se)
+    return {"delta": delta, "se": se, "z": z, "p": p, "auc_a": float(auc_a), "auc_b": float(auc_b), **out,
+            "reason": reason}
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
