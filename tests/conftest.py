@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # every test run uses the tiny synthetic benchmark and the tiny model, on few steps
-TINY = ["data.synthetic.size=tiny", "trainer.epochs=2", "trainer.batch_size=16", "trainer.checkpoint_every=2",
+TINY = ["data.synthetic.size=tiny", "trainer.budget.epochs=2", "trainer.batch_size=16", "trainer.checkpoint_every=2",
         "runtime.progress=false", "eval.batch_size=64", "eval.protocols=[zero-shot,linear-probe]",
         "eval.fractions=[1.0]", "eval.bootstrap.resamples=200", "eval.fine_tune.epochs=2",
         "eval.fine_tune.batch_size=16"]

@@ -40,7 +40,7 @@ def finished_run(data_home, tmp_path_factory) -> Path:
     """A pretrained run folder (one epoch, no evaluation) for the `bench eval` cases."""
     results = tmp_path_factory.mktemp("results")
     out = bench_cli("run", "--method", "clip", "--no-table", "--results-dir", str(results), *TINY,
-                    "trainer.epochs=1", "eval.protocols=[]", "eval.random_init_baseline=false")
+                    "trainer.budget.epochs=1", "eval.protocols=[]", "eval.random_init_baseline=false")
     assert out.returncode == 0, out.stderr
     (run,) = results.glob("runs/*/")
     return run
@@ -78,11 +78,11 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
     cut = _truncated_roots(data_home, tmp_path)
     cases = [
         # values of the wrong type or out of range, whichever command composed them
-        (run + ["trainer.epochs=abc"], "trainer.epochs='abc' is not valid: expected an integer >= 1"),
-        (run + ["trainer.epochs=1.5"], "trainer.epochs=1.5 is not valid"),
+        (run + ["trainer.budget.epochs=abc"], "trainer.budget.epochs='abc' is not valid: expected an integer >= 1"),
+        (run + ["trainer.budget.epochs=1.5"], "trainer.budget.epochs=1.5 is not valid"),
         (run + ["=1"], "malformed override '=1'"),
-        (run + ["trainer.epochs"], "malformed override 'trainer.epochs'"),
-        (run + ["trainer.epochs=[1"], "bad override"),
+        (run + ["trainer.budget.epochs"], "malformed override 'trainer.budget.epochs'"),
+        (run + ["trainer.budget.epochs=[1"], "bad override"),
         (run + ["eval.batch_size=0"], "eval.batch_size=0 is not valid: expected an integer >= 1"),
         (run + ["eval.batch_size=-3"], "eval.batch_size=-3 is not valid"),
         (run + ["eval.seeds=[x]"], "eval.seeds[0]='x' is not valid: expected an integer >= 0"),
@@ -105,7 +105,8 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
         (run + ["runtime.speed.compile=maybe"], "runtime.speed.compile='maybe' is not valid"),
         (run + ["data.corrupt_images=ignore"], "data.corrupt_images='ignore' is not valid: expected one of skip"),
         (run + ["data.corpus.paired=[]"], "data.corpus.paired=[] is not valid: expected a non-empty list"),
-        (run + ["data.corpus.mix.paired=0"], "data.corpus.mix.paired=0 is not valid: expected a number > 0"),
+        (run + ["data.corpus.mix.image_only=-1"], "data.corpus.mix.image_only=-1 is not valid: expected a number >= 0"),
+        (run + ["data.corpus.mix.paired=1"], "unknown setting data.corpus.mix.paired"),
         (run + ["data.chexpert.val_fraction=2"], "data.chexpert.val_fraction=2 is not valid: expected a number in"),
         (run + ["data.chexpert.uncertain_policy=maybe"], "data.chexpert.uncertain_policy='maybe' is not valid"),
         (run + ["data.mimic-cxr.labeler=me"], "data.mimic-cxr.labeler='me' is not valid: expected one of chexpert"),
@@ -126,13 +127,13 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
         (run + ["foo="], "unknown setting foo"),
         (run + ["+foo=1"], "unknown setting foo"),
         (run + ["eval.seed=3"], "unknown setting eval.seed; did you mean eval.seeds?"),
-        (run + ["+trainer.epoch=3"], "unknown setting trainer.epoch; did you mean trainer.epochs?"),
+        (run + ["+trainer.budget.epoch=3"], "unknown setting trainer.budget.epoch; did you mean trainer.budget.epochs?"),
         # the command line itself
         (["run"], "the following arguments are required: --method"),
         (run + ["--bogus"], "unrecognized argument(s): --bogus"),
         (run + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
-        (run + ["trainer.epochs=2", "--seed", "1", "eval.seeds=[x]"], "eval.seeds[0]='x'"),  # overrides between flags
-        (["table", "trainer.epochs=2"], "unrecognized argument(s): trainer.epochs=2"),
+        (run + ["trainer.budget.epochs=2", "--seed", "1", "eval.seeds=[x]"], "eval.seeds[0]='x'"),  # overrides between flags
+        (["table", "trainer.budget.epochs=2"], "unrecognized argument(s): trainer.budget.epochs=2"),
         (["data", "synth", "--size", "huge"], "argument --size: invalid choice: 'huge'"),
         (["profile", "--steps", "0"], "argument --steps: invalid positive integer value: '0'"),
         # destinations that cannot be written
@@ -142,20 +143,20 @@ def test_malformed_input_is_one_line_and_exit_2_before_any_work(finished_run, da
         # bench eval takes eval/data/runtime settings only, checked like run's
         (ev + ["eval.seed=3"], "unknown setting eval.seed; did you mean eval.seeds?"),
         (ev + ["foo="], "'foo=': bench eval sets only eval.*, data.*, runtime.* and results_dir"),
-        (ev + ["trainer.epochs=abc"], "'trainer.epochs=abc': bench eval sets only eval.*"),
+        (ev + ["trainer.budget.epochs=abc"], "'trainer.budget.epochs=abc': bench eval sets only eval.*"),
         (ev + ["eval.batch_size=0"], "eval.batch_size=0 is not valid"),
         (ev + ["--fractions", "0.1,abc"], "--fractions '0.1,abc': expected comma-separated label fractions"),
         (ev + ["--seeds", "1,x"], "--seeds '1,x': expected comma-separated integers"),
         (ev + ["--dataset", "nope"], "eval.datasets[0]='nope' is not valid"),
         (["eval", "--checkpoint", str(tmp_path / "absent")], "not a run folder"),
         # suites and sweeps check every run's configuration before the first one starts
-        (["suite", "smoke", "--results-dir", str(results), "trainer.epochs=abc"], "trainer.epochs='abc'"),
+        (["suite", "smoke", "--results-dir", str(results), "trainer.budget.epochs=abc"], "trainer.budget.epochs='abc'"),
         (["suite", "smoke", "--worker", "3/2"], "--worker '3/2'"),
         (["suite", "nope"], "no suite 'nope'"),
-        (sweep + ["--param", "trainer.epochs=1,x"], "--param trainer.epochs: trainer.epochs='x' is not valid"),
+        (sweep + ["--param", "trainer.budget.epochs=1,x"], "--param trainer.budget.epochs: trainer.budget.epochs='x' is not valid"),
         (sweep + ["--param", "mask_ratio=0.3:0.9"], "--param mask_ratio: no such setting"),
-        (sweep + ["--param", "trainer.epochs=1:4"], "trainer.epochs is a whole number; search it with "
-                                                    "trainer.epochs=1:4:int"),
+        (sweep + ["--param", "trainer.budget.epochs=1:4"], "trainer.budget.epochs is a whole number; search it with "
+                                                    "trainer.budget.epochs=1:4:int"),
         (sweep + ["--method", "mmclip", "--param", "mask_ratio=0.5:1.5"],
          "--param mask_ratio: method.image_masking.mask_ratio=1.5 is not valid: expected a number in [0, 1)"),
         (sweep + ["--param", "trainer.lr=1e-4:1e-2:log", "eval.batch_size=0"], "eval.batch_size=0 is not valid"),
@@ -189,15 +190,15 @@ def test_legitimate_settings_pass_the_checks(tmp_path):
                                           "model.image.mean=[0.5,0.5,0.5]", "runtime.speed.grad_checkpointing=auto",
                                           "trainer.grad_clip=null",
                                           "+method.prompts.names.Edema=fluid", f"data.rsna.root={tmp_path}"]),
-                              ("mrm", ["eval.protocols=[]", "eval.seeds=[]", "trainer.max_steps=3"])):
+                              ("mrm", ["eval.protocols=[]", "eval.seeds=[]", "trainer.budget.steps=3"])):
         compose_config(method, overrides=overrides)
     assert parse_param("trainer.lr=1e-4,1e-3", compose_config("clip")).choices == (1e-4, 1e-3)
 
 
 def test_the_console_script_says_it_in_one_line_too(tmp_path):
-    out = bench_cli("run", "--method", "clip", "--results-dir", str(tmp_path), "trainer.epochs=abc")
+    out = bench_cli("run", "--method", "clip", "--results-dir", str(tmp_path), "trainer.budget.epochs=abc")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "bench: error: trainer.epochs='abc' is not valid: expected an integer >= 1"]
+        "bench: error: trainer.budget.epochs='abc' is not valid: expected an integer >= 1"]
 
 
 def test_table_names_and_skips_files_that_are_not_records(tiny_cfg, capsys):
@@ -228,7 +229,7 @@ def test_a_full_destination_is_one_line_and_the_same_command_then_finishes(data_
     """The file-size limit stands in for a full disk: the checkpoint (tens of MB) cannot be written."""
     results = tmp_path / "results"
     args = [str(Path(sys.executable).with_name("bench")), "run", "--method", "clip", "--no-table",
-            "--results-dir", str(results), *TINY, "trainer.epochs=1", "eval.datasets=[rsna]",
+            "--results-dir", str(results), *TINY, "trainer.budget.epochs=1", "eval.datasets=[rsna]",
             "eval.protocols=[zero-shot]"]
     full = subprocess.run(args, capture_output=True, text=True, preexec_fn=_limit_file_size(4 << 20), timeout=600)
     lines = full.stderr.strip().splitlines()

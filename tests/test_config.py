@@ -22,8 +22,8 @@ def test_ablation_overrides_the_method_switch():
 
 
 def test_overrides_and_presets_apply():
-    cfg = compose_config("clip", "none", 3, ["trainer.epochs=7", "model=base"])
-    assert cfg.seed == 3 and cfg.trainer.epochs == 7
+    cfg = compose_config("clip", "none", 3, ["trainer.budget.epochs=7", "model=base"])
+    assert cfg.seed == 3 and cfg.trainer.budget.epochs == 7
     assert cfg.model.image.open_clip_name == "ViT-B-16" and cfg.model.image.image_size == 224
 
 
@@ -32,8 +32,8 @@ def test_overrides_and_presets_apply():
     (("clip", "nope", []), "valid ablations: none, fixed-temperature, frozen-text"),
     (("clip", "none", ["model=huge"]), "valid model options: base, tiny"),
     (("clip", "none", ["trainer.nonexistent=1"]), "trainer.nonexistent"),
-    (("clip", "none", ["trainer.epochs"]), "malformed override 'trainer.epochs'"),
-    (("clip", "none", ["trainer.epochs=[1"]), "bad override"),
+    (("clip", "none", ["trainer.budget.epochs"]), "malformed override 'trainer.budget.epochs'"),
+    (("clip", "none", ["trainer.budget.epochs=[1"]), "bad override"),
     (("clip", "none", ["data.nope.root=/x"]), "data.nope.root"),
 ])
 def test_bad_input_is_one_clear_line(args, expected):

@@ -10,15 +10,21 @@ from bench.data.images import ImageCache
 from bench.modeling.towers import Tokenizer
 
 
-def test_batch_composition_follows_the_ratio_over_the_kinds_that_have_samples():
-    mix = {"paired": 2, "image_only": 1, "text_only": 1}
+def test_unpaired_rows_come_on_top_of_a_full_batch_of_paired_rows():
+    mix = {"image_only": 0.5, "text_only": 0.25}
     assert batch_composition(32, mix, {"paired": 100, "image_only": 50, "text_only": 50}) == \
-        {"paired": 16, "image_only": 8, "text_only": 8}
+        {"paired": 32, "image_only": 16, "text_only": 8}
     assert batch_composition(32, mix, {"paired": 100, "image_only": 50}) == \
-        {"paired": 21, "image_only": 11, "text_only": 0}
+        {"paired": 32, "image_only": 16, "text_only": 0}
     assert batch_composition(16, mix, {"paired": 100}) == {"paired": 16, "image_only": 0, "text_only": 0}
+    assert batch_composition(3, {"image_only": 0.01}, {"paired": 9, "image_only": 9})["image_only"] == 1
+    # no paired pool: the largest kind leads with the batch size and the others keep their ratio to it
+    assert batch_composition(8, mix, {"image_only": 50, "text_only": 10}) == \
+        {"paired": 0, "image_only": 8, "text_only": 4}
     with pytest.raises(UserError, match="unknown kind"):
-        batch_composition(16, {"paired": 1, "images": 1}, {"paired": 100})
+        batch_composition(16, {"images": 1}, {"paired": 100})
+    with pytest.raises(UserError, match="unknown kind.*paired"):
+        batch_composition(16, {"paired": 1}, {"paired": 100})
 
 
 def test_mixed_batches_have_a_fixed_composition_and_cover_the_paired_pool_once():

@@ -255,7 +255,7 @@ def test_bench_eval_of_a_run_folder_reproduces_the_run_records(tiny_cfg, tmp_pat
     from bench.experiment.chain import run_experiment
 
     cfg = tiny_cfg(extra=("eval.datasets=[rsna]", "eval.protocols=[linear-probe]", "eval.random_init_baseline=false",
-                          "trainer.max_steps=2"))
+                          "trainer.budget.steps=2"))
     store = run_experiment(cfg)
     (run_dir,) = (store.root / "runs").iterdir()
     other = tmp_path / "other"

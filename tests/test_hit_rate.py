@@ -206,7 +206,7 @@ def test_logging_the_hit_rate_leaves_training_bit_identical(tiny_cfg, mimic_with
     from bench.experiment.pretraining import pretrain
 
     def train(every: int):
-        cfg = tiny_cfg("mmclip", extra=(f"data.mimic-cxr.root={mimic_with_sidecars}", "trainer.max_steps=3",
+        cfg = tiny_cfg("mmclip", extra=(f"data.mimic-cxr.root={mimic_with_sidecars}", "trainer.budget.steps=3",
                                         f"method.image_masking.hit_rate_every={every}",
                                         "trainer.batch_size=8", "method.image_masking.hit_rate_images=8",
                                         f"results_dir={tmp_path / f'every-{every}'}"))

@@ -21,7 +21,7 @@ from bench.evaluation.prompt_sets import get_prompt_set
 from bench.evaluation.protocol import Protocol
 from bench.experiment.config import compose_config
 
-FAST = [*TINY, "trainer.max_steps=2", "eval.datasets=[rsna]", "eval.random_init_baseline=false"]
+FAST = [*TINY, "trainer.budget.steps=2", "eval.datasets=[rsna]", "eval.random_init_baseline=false"]
 
 
 class FeatureMean(Protocol):

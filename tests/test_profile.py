@@ -12,7 +12,8 @@ from bench.core.errors import UserError
 from bench.experiment.config import compose_config
 from bench.experiment.pretraining import build_corpus, build_method
 from bench.tools.profile.inputs import synthetic_batches
-from bench.tools.profile.measure import count_flops, vendor_bf16_tflops
+from bench.tools.profile.measure import vendor_bf16_tflops
+from bench.train.cost import count_flops
 from bench.train.speed import Speed, accelerated_modules, loader_workers
 
 CPU = torch.device("cpu")
@@ -31,7 +32,8 @@ def test_profile_prints_one_json_line_per_configuration(data_home, capsys, tmp_p
         for v in ("trainer", "plain")]
     for r in rows:
         assert r["preset"] == "tiny" and r["batch_size"] == 16 and r["steps"] == 2 and r["step_ms"] > 0
-        assert r["images_per_s"] == pytest.approx(16 / (r["step_ms"] / 1000))  # every row has an image here
+        images = 16 if r["method"] == "clip" else 16 + 8  # MMCLIP's image-only rows come on top of 16 paired
+        assert r["images_per_s"] == pytest.approx(images / (r["step_ms"] / 1000))
         assert r["flops_per_step"] > 0 and r["flops_how"] == "counted" and r["peak_memory_mb"] > 0
         assert "mfu" not in r  # no bf16 peak to compare against on a CPU
         assert (r["input"] == "files") == ("loader_images_per_s" in r)

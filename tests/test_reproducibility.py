@@ -125,7 +125,7 @@ def test_two_processes_given_one_pretraining_do_it_once_and_a_killed_holder_is_t
     the run folder, resumes and finishes: one metrics row per step, every record once."""
     results = tmp_path / "results"
     exe = os.path.join(os.path.dirname(sys.executable), "bench")
-    args = [exe, "run", "--method", "clip", "--no-table", "--results-dir", str(results), *TINY, "trainer.epochs=6",
+    args = [exe, "run", "--method", "clip", "--no-table", "--results-dir", str(results), *TINY, "trainer.budget.epochs=6",
             "runtime.threads=1", "eval.datasets=[rsna]", "eval.protocols=[zero-shot]",
             "eval.random_init_baseline=false"]
     a = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from tests_support import tree_digest
 
 from bench.cli import main as cli_main
+from bench.core.errors import UserError
 from bench.core.results import ResultsStore
 from bench.tools.suite import load_suite, plan
 
@@ -190,7 +191,7 @@ def test_a_diverging_run_is_reported_and_the_others_go_on(data_home, tmp_path, c
 
 
 @pytest.mark.parametrize("text, message", [
-    ("runs: {clip: [none]}\nseeds: [0]\nepochs: 3\n", "unknown key(s) epochs; valid keys: runs, seeds"),
+    ("runs: {clip: [none]}\nseeds: [0]\nepochs: 3\n", "unknown key(s) epochs; valid keys: runs, seeds, overrides, eval_overrides, budgets"),
     ("runs: {nope: [none]}\nseeds: [0]\n", "unknown method 'nope' in runs; valid methods: clip"),
     ("runs: {clip: [nope]}\nseeds: [0]\n", "clip/nope: unknown ablation 'nope' for method 'clip'; valid "
                                            "ablations: none, fixed-temperature, frozen-text"),
@@ -198,7 +199,7 @@ def test_a_diverging_run_is_reported_and_the_others_go_on(data_home, tmp_path, c
     ("runs: {clip: [none, none]}\nseeds: [0]\n", "runs.clip lists none more than once"),
     ("runs: {clip: [none]}\nseeds: [a]\n", "seeds must be a non-empty list of distinct integers"),
     ("runs: {clip: [none]}\nseeds: [0]\noverrides: [seed=3]\n", "sets seed, which the suite's grid sets"),
-    ("runs: {clip: [none]}\nseeds: [0]\neval_overrides: [trainer.epochs=2]\n", "is not an eval.* setting"),
+    ("runs: {clip: [none]}\nseeds: [0]\neval_overrides: [trainer.budget.epochs=2]\n", "is not an eval.* setting"),
     ("runs: {clip: [none]}\nseeds: [0]\noverrides: [trainer.nope=2]\n", "clip/none: unknown setting trainer.nope"),
     ("runs: [clip\n", "not a readable suite file"),
 ])
@@ -209,6 +210,30 @@ def test_bad_suite_file_is_one_line_naming_the_file(text, message, tmp_path, cap
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"bench: error: {path}: ") and message in err, err
+
+
+def test_a_grid_of_unequal_budgets_is_refused_unless_the_file_allows_it(tmp_path, monkeypatch):
+    """An ablation that trains longer than the run it is compared with is caught before anything runs."""
+    from bench.experiment import config
+
+    compose = config.compose_config
+
+    def longer_for_one(method, ablation=None, seed=None, overrides=()):
+        extra = ["trainer.budget.epochs=3"] if ablation == "fixed-temperature" else []
+        return compose(method, ablation, seed, [*overrides, *extra])
+
+    monkeypatch.setattr(config, "compose_config", longer_for_one)
+    grid = "runs: {clip: [none, fixed-temperature]}\nseeds: [0]\n"
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid)
+    with pytest.raises(UserError, match=r"clip/fixed-temperature would train under another budget than "
+                                        r"clip/none \(it differs in budget: .*budgets: may-differ"):
+        plan(load_suite(str(path)), results_dir=str(tmp_path / "r"))
+    path.write_text(grid + "budgets: may-differ\n")
+    assert [u.kind for u in plan(load_suite(str(path)), results_dir=str(tmp_path / "r"))].count("pretrain") == 2
+    path.write_text(grid + "budgets: some\n")
+    with pytest.raises(UserError, match="budgets='some': expected one of equal, may-differ"):
+        load_suite(str(path))
 
 
 def test_unknown_suite_name_and_bad_worker_are_one_line(tmp_path, capsys):

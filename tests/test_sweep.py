@@ -36,7 +36,7 @@ def test_params_resolve_to_config_keys():
     p = parse_param("mask_ratio=0.3:0.9", cfg)
     assert (p.key, p.low, p.high, p.scale) == ("method.image_masking.mask_ratio", 0.3, 0.9, "float")
     assert parse_param("trainer.lr=1e-5:1e-2:log", cfg).scale == "log"
-    assert parse_param("trainer.epochs=1:4:int", cfg).scale == "int"
+    assert parse_param("trainer.budget.epochs=1:4:int", cfg).scale == "int"
     assert parse_param("image_masking.strategy=attention,random", cfg).choices == ("attention", "random")
     assert parse_param("loss_weights.mim=0.5,1,2", cfg).choices == (0.5, 1, 2)
     for bad, message in (("lr=1e-4:1e-2", "ambiguous"), ("nope=1:2", "no such setting"),

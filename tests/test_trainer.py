@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from tests_support import run_dir_of
 
 from bench.core.errors import TrainingDiverged
 from bench.core.results import ResultsStore
-from bench.experiment.pretraining import build_method, pretrain
-from bench.train.trainer import CHECKPOINT, FINAL, cosine_with_warmup, param_groups
+from bench.experiment.pretraining import build_corpus, build_method, pretrain
+from bench.train.cost import COST_FILE
+from bench.train.trainer import CHECKPOINT, FINAL, Trainer, cosine_with_warmup, param_groups, training_steps
 
 
 def _weights(path):
@@ -58,11 +60,42 @@ def test_run_logs_every_step_and_writes_checkpoints(tiny_cfg):
     assert {"loss", "itc", "lr", "images_per_s", "grad_norm"} <= set(rows[0])
     assert (run_dir / CHECKPOINT).exists() and (run_dir / "config.yaml").exists()
     assert torch.load(run_dir / CHECKPOINT, weights_only=False)["step"] == len(rows)
+    cost = json.loads((run_dir / COST_FILE).read_text())
+    assert cost["optimizer_steps"] == len(rows) and cost["samples"] == {"paired": 16 * len(rows)}
+    assert cost["flops_counted"] == "counted" and cost["flops"] == cost["flops_per_step"] * len(rows) > 0
+
+
+def test_counting_flops_leaves_training_as_it_was(tiny_cfg):
+    """The FLOP count runs a forward and backward on the first batch: the weights must not depend on it."""
+    weights = []
+    for count in (True, False):
+        cfg = tiny_cfg(extra=("trainer.budget.steps=2", f"results_dir={tiny_cfg().results_dir}-{count}"))
+        method = build_method(cfg, 0)
+        corpus, sampler, _ = build_corpus(cfg, 0)
+        method.prepare(corpus)
+        trainer = Trainer(cfg.trainer, Path(cfg.results_dir), torch.device("cpu"), progress=False, flops=count)
+        weights.append(_weights(trainer.fit(method, corpus, method.make_collate(), sampler, 0)))
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_every_method_of_one_corpus_takes_the_same_steps_with_the_same_paired_rows(tiny_cfg):
+    """Unpaired rows come on top of the paired ones: MMCLIP (image-only prompts) and the supervised control
+    must not train more optimiser steps, or on fewer paired rows per step, than CLIP under the default budget."""
+    budgets = {}
+    for method in ("clip", "mmclip", "supervised", "mrm"):
+        cfg = tiny_cfg(method)
+        _, sampler, summary = build_corpus(cfg, 0)
+        steps = training_steps(cfg.trainer.budget, len(sampler.batches()) // cfg.trainer.accumulate)
+        budgets[method] = (steps, sampler.per_batch["paired"])
+        if method in ("mmclip", "supervised"):
+            assert summary["image_only"]["per_batch"] > 0, f"{method} reads image-only data on top"
+    assert len(set(budgets.values())) == 1, budgets
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(tiny_cfg, tmp_path):
     """Kill a real `bench run` mid-epoch, re-run the same command, compare with an uninterrupted run."""
-    base = ["trainer.epochs=3", "trainer.checkpoint_every=2", "eval.protocols=[]", "eval.random_init_baseline=false"]
+    base = ["trainer.budget.epochs=3", "trainer.checkpoint_every=2", "eval.protocols=[]", "eval.random_init_baseline=false"]
     exe = os.path.join(os.path.dirname(sys.executable), "bench")
     common = ["run", "--method", "clip", "--no-table", "data.synthetic.size=tiny", "trainer.batch_size=16",
               "runtime.progress=false", "runtime.threads=1", *base]
@@ -103,7 +136,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_cfg, 
     def poisoned(self, batch):
         calls["n"] += 1
         out = original(self, batch)
-        if calls["n"] == 3:
+        if calls["n"] == 4:  # call 1 is the FLOP count on the first batch, then steps 1, 2, 3
             out.loss = out.loss * float("nan")
         return out
 

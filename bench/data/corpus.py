@@ -13,6 +13,7 @@ several images share their report, so an index derangement alone would leave the
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,21 +56,37 @@ class Pool:
         return len(self.ids)
 
 
+def main_kind(sizes: dict[str, int]) -> str:
+    """The kind whose pass is an epoch and whose rows per batch are trainer.batch_size: paired where there are
+    paired samples, else the largest pool."""
+    return "paired" if sizes.get("paired") else max(sizes, key=sizes.get)
+
+
 def batch_composition(batch_size: int, mix: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
-    """Samples of each kind per batch: `mix` over the kinds that have samples, largest remainder rounding."""
-    bad = [k for k in mix if k not in KINDS]
+    """Samples of each kind per batch: `batch_size` of the main kind (paired), and on top of them, of each other
+    kind that has samples, `mix[kind]` per main row, rounded to the nearest (at least 1 where its share is > 0).
+
+    Unpaired rows come on top of the paired ones, never instead of them, so every method of one corpus takes
+    the same optimiser steps per epoch with the same paired rows (in-batch negatives) per step, whatever
+    unpaired data it reads."""
+    bad = [k for k in mix if k not in KINDS or k == "paired"]
     if bad:
-        raise UserError(f"data.corpus.mix has unknown kind(s) {', '.join(bad)}; kinds: {', '.join(KINDS)}")
-    weights = {k: float(mix.get(k, 0.0)) if sizes.get(k, 0) else 0.0 for k in KINDS}
-    if any(w < 0 for w in weights.values()):
-        raise UserError(f"data.corpus.mix weights must be >= 0, got {dict(mix)}")
-    if weights["paired"] <= 0 and sizes.get("paired", 0):
-        raise UserError("data.corpus.mix.paired must be > 0: an epoch is one pass over the paired samples")
-    total = sum(weights.values())
-    exact = {k: batch_size * w / total for k, w in weights.items()}
-    counts = {k: int(v) for k, v in exact.items()}
-    for k in sorted(KINDS, key=lambda k: counts[k] - exact[k])[:batch_size - sum(counts.values())]:
-        counts[k] += 1
+        raise UserError(f"data.corpus.mix has unknown kind(s) {', '.join(bad)}; it sets rows per paired row of: "
+                        f"{', '.join(KINDS[1:])}")
+    if any(float(w) < 0 for w in mix.values()):
+        raise UserError(f"data.corpus.mix values must be >= 0, got {dict(mix)}")
+    present = {k: n for k, n in sizes.items() if n}
+    counts = {k: 0 for k in KINDS}
+    if not present:
+        return counts
+    main = main_kind(present)
+    counts[main] = batch_size
+    for kind in present:
+        if kind != main:
+            # without paired samples the largest kind leads, and the others keep their ratio to it
+            lead = 1.0 if main == "paired" else float(mix.get(main, 0.0)) or 1.0
+            share = float(mix.get(kind, 0.0)) / lead
+            counts[kind] = max(1, math.floor(batch_size * share + 0.5)) if share > 0 else 0
     return counts
 
 
@@ -192,9 +209,9 @@ class MixedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, sizes: dict[str, int], per_batch: dict[str, int], seed: int,
                  setting: str = "trainer.batch_size"):
-        main = "paired" if sizes.get("paired") else max(sizes, key=sizes.get)
+        main = main_kind(sizes)
         if sizes[main] < per_batch[main] or per_batch[main] == 0:
-            raise UserError(f"{setting}={sum(per_batch.values())}: the {sizes[main]} {main} training samples do not "
+            raise UserError(f"{setting}={per_batch[main]}: the {sizes[main]} {main} training samples do not "
                             f"fill one batch's share of {per_batch[main]}; lower {setting} (or add {main} data)")
         self.sizes, self.per_batch, self.seed, self.main = sizes, per_batch, seed, main
         starts = np.cumsum([0, *sizes.values()])

@@ -6,8 +6,8 @@ after an hour of pretraining:
 - **unknown keys**: an override must name a setting the configuration has (a `+key=value` that nothing reads
   would only change the hashes); the few open mappings (`OPEN`) take any key.
 - **types**: every value must have the type of the same setting in the configuration as composed without
-  the user's values (the method's, ablation's and presets' files), so `trainer.epochs=abc` or `eval.seeds=[x]`
-  is refused whatever the key. An integer is accepted where a number is expected.
+  the user's values (the method's, ablation's and presets' files), so `trainer.budget.epochs=abc` or
+  `eval.seeds=[x]` is refused whatever the key. An integer is accepted where a number is expected.
 - **ranges and names**: `RULES` (and `PATTERNS` for every dataset's settings) say which values are valid
   where the type does not, e.g. batch sizes >= 1, label fractions in (0, 1], registered datasets and
   protocols, and where `null` is allowed. Plug-ins declare their own: a dataset adapter's `setting_checks`
@@ -48,7 +48,8 @@ DATASETS = one_of(_datasets)
 RULES: dict[str, Check] = {
     "seed": integer(0),
     "results_dir": text(),
-    "trainer.epochs": integer(1),
+    "trainer.budget.epochs": integer(1),
+    "trainer.budget.steps": integer(1, null=True),
     "trainer.batch_size": integer(1),
     "trainer.lr": number(0, low_open=True),
     "trainer.weight_decay": number(0),
@@ -59,7 +60,6 @@ RULES: dict[str, Check] = {
     "trainer.grad_clip": number(0, low_open=True, null=True),
     "trainer.precision": one_of(("auto", "bf16", "fp32")),
     "trainer.checkpoint_every": integer(1),
-    "trainer.max_steps": integer(1, null=True),
     "eval.datasets": list_of(DATASETS, distinct=True),
     "eval.protocols": list_of(one_of(_protocols), distinct=True),
     "eval.fractions": list_of(number(0, 1, low_open=True), distinct=True),
@@ -72,7 +72,6 @@ RULES: dict[str, Check] = {
     "data.corpus.paired": list_of(DATASETS, nonempty=True, distinct=True),
     "data.corpus.image_only": list_of(DATASETS, distinct=True),
     "data.corpus.text_only": list_of(DATASETS, distinct=True),
-    "data.corpus.mix.paired": number(0, low_open=True),
     "data.corpus.mix.image_only": number(0),
     "data.corpus.mix.text_only": number(0),
     "data.synthetic.size": one_of(SIZES),

@@ -9,6 +9,7 @@ from bench.core.errors import UserError
 from bench.core.hashing import stable_hash, to_plain
 from bench.core.registry import PROTOCOLS
 from bench.data.loading import dataset_identity
+from bench.data.splits import FRACTION_RULE
 
 # keys that say how a run executes or where it writes, not what it computes
 NON_SEMANTIC = ("runtime", "results_dir")
@@ -49,6 +50,15 @@ def corpus_sources(cfg: DictConfig) -> dict[str, list[str]]:
     return sources
 
 
+def training_budget(cfg: DictConfig) -> dict:
+    """What fixes a run's optimiser steps and its paired rows per step: the budget, the batch of paired rows,
+    accumulation, and the paired corpus an epoch passes over. Runs with equal budgets train alike long,
+    whatever unpaired data they read on top (bench.data.corpus.batch_composition)."""
+    t = cfg.trainer
+    return {"budget": to_plain(t.budget), "batch_size": int(t.batch_size), "accumulate": int(t.accumulate),
+            "paired": [dataset_identity(cfg, name) for name in corpus_sources(cfg)["paired"]]}
+
+
 def pretrain_hash(cfg: DictConfig) -> str:
     """What decides a pretrained checkpoint except its seed: runs that differ only in seed share it, and
     tables aggregate seeds within it. Of `data`, only the corpus sources the method reads count."""
@@ -71,4 +81,6 @@ def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:
     sections = {cls.section() for cls in PROTOCOLS.classes()}
     shared = {k: v for k, v in e.items() if k not in EVAL_SCHEDULE and k not in sections}
     own = {k: v for k, v in e.get(PROTOCOLS.get(protocol).section(), {}).items() if k != "fractions"}  # which records
-    return stable_hash({"protocol": protocol, "shared": shared, "own": own, "data": dataset_identity(cfg, dataset)})
+    # the rule that draws label fractions decides which training samples a record fits on
+    return stable_hash({"protocol": protocol, "shared": shared, "own": own, "data": dataset_identity(cfg, dataset),
+                        "fractions": FRACTION_RULE})

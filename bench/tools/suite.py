@@ -24,7 +24,8 @@ from bench.core.results import RecordKey, ResultsStore
 from bench.experiment.config import CONFIG_DIR
 
 SUITE_DIR = CONFIG_DIR / "suite"
-SUITE_KEYS = ("runs", "seeds", "overrides", "eval_overrides")
+SUITE_KEYS = ("runs", "seeds", "overrides", "eval_overrides", "budgets")
+BUDGETS = ("equal", "may-differ")  # whether every run of the grid must train under the same budget
 GRID_KEYS = ("method", "ablation", "seed")  # the grid sets these; an override of them would fold the grid
 PRETRAIN, BASELINE = "pretrain", "random-init"
 
@@ -37,6 +38,7 @@ class Suite:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]  # for every run: pretraining and evaluation
     eval_overrides: tuple[str, ...]  # eval.* only
+    budgets: str = "equal"  # one of BUDGETS
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,13 @@ def load_suite(name_or_path: str) -> Suite:
     unknown = sorted(set(raw) - set(SUITE_KEYS))
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SUITE_KEYS)}")
+    budgets = raw.get("budgets", "equal")
+    if budgets not in BUDGETS:
+        raise UserError(f"{path}: budgets={budgets!r}: expected one of {', '.join(BUDGETS)}")
     return Suite(path.stem, path, _runs(path, raw.get("runs")), _seeds(path, raw.get("seeds")),
                  tuple(check_overrides(raw.get("overrides", []), f"{path}: overrides")),
-                 tuple(check_overrides(raw.get("eval_overrides", []), f"{path}: eval_overrides", eval_only=True)))
+                 tuple(check_overrides(raw.get("eval_overrides", []), f"{path}: eval_overrides", eval_only=True)),
+                 budgets)
 
 
 def _runs(path: Path, runs: object) -> tuple[tuple[str, str], ...]:
@@ -117,11 +123,11 @@ def _seeds(path: Path, seeds: object) -> tuple[int, ...]:
 def check_overrides(items: object, where: str, eval_only: bool = False) -> list[str]:
     """key=value items that neither fold the grid (method, ablation, seed) nor, for eval_only, leave `eval`."""
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-        raise UserError(f"{where} must be a list of key=value strings, e.g. [trainer.epochs=2]")
+        raise UserError(f"{where} must be a list of key=value strings, e.g. [trainer.budget.epochs=2]")
     for item in items:
         key = item.split("=", 1)[0].lstrip("+~")
         if "=" not in item:
-            raise UserError(f"{where}: malformed override {item!r}: expected key=value (e.g. trainer.epochs=2)")
+            raise UserError(f"{where}: malformed override {item!r}: expected key=value (e.g. trainer.budget.epochs=2)")
         if key in GRID_KEYS or key.startswith("ablation/"):
             raise UserError(f"{where}: {item!r} sets {key}, which the suite's grid sets (runs and seeds)")
         if eval_only and not key.startswith("eval."):
@@ -162,6 +168,8 @@ def plan(suite: Suite, extra_overrides: Sequence[str] = (), results_dir: str | N
                     composed[method, ablation] = compose_config(method, ablation, None, overrides)
                 except UserError as exc:
                     raise UserError(f"{suite.path}: {method}/{ablation}: {exc}") from None
+                if suite.budgets == "equal":
+                    _check_budget(suite, composed)
             cfg = copy.deepcopy(composed[method, ablation])
             cfg.seed = seed
             store = ResultsStore(cfg.results_dir)
@@ -182,6 +190,20 @@ def plan(suite: Suite, extra_overrides: Sequence[str] = (), results_dir: str | N
             worker = baseline_worker.setdefault(subject, len(baseline_worker) % workers + 1)
             units.append(Unit(BASELINE, method, ablation, seed, cfg, records, None, worker))
     return units
+
+
+def _check_budget(suite: Suite, composed: dict[tuple[str, str], DictConfig]) -> None:
+    """Refuse a grid whose runs would train for different steps or on different paired rows per step: the
+    newest run against the first."""
+    from bench.experiment.identity import training_budget
+
+    (first, a), (last, b) = next(iter(composed.items())), list(composed.items())[-1]
+    budget_a, budget_b = training_budget(a), training_budget(b)
+    if budget_a != budget_b:
+        differ = sorted(k for k in budget_a if budget_a[k] != budget_b[k])
+        raise UserError(f"{suite.path}: {'/'.join(last)} would train under another budget than {'/'.join(first)} "
+                        f"(it differs in {', '.join(differ)}: {budget_b[differ[0]]} against {budget_a[differ[0]]}); "
+                        f"give every run the same trainer.budget, or set budgets: may-differ in the suite file")
 
 
 def pretrain_state(unit: Unit) -> str:

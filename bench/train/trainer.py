@@ -22,6 +22,7 @@ from bench.core.io import atomic_torch_save, atomic_write_text
 from bench.data.corpus import MixedBatchSampler, PretrainCorpus
 from bench.modeling.method import Method
 from bench.train import distributed
+from bench.train.cost import COST_FILE, count_flops, run_cost
 from bench.train.speed import Speed
 
 CHECKPOINT, FINAL = "checkpoint.pt", "final.pt"
@@ -100,6 +101,12 @@ def cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
+def training_steps(budget: DictConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps of a run under `trainer.budget`: `steps` where set, else `epochs` passes of
+    `steps_per_epoch` each."""
+    return int(budget.steps) if budget.get("steps") else steps_per_epoch * int(budget.epochs)
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -118,9 +125,9 @@ def _set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, progress: bool = True,
-                 num_workers: int = 0, speed: Speed | None = None):
+                 num_workers: int = 0, speed: Speed | None = None, flops: bool = True):
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
-        self.progress, self.num_workers = progress, num_workers
+        self.progress, self.num_workers, self.flops = progress, num_workers, flops
         self.speed = speed if speed is not None else Speed.resolve(None, device)
         self.dtype = autocast_dtype(cfg.precision, device)
 
@@ -129,7 +136,8 @@ class Trainer:
         """Train until the configured end, resuming from `run_dir/checkpoint.pt` when present.
         With `validation`, it is called after every epoch (and checkpointed with the weights), and training
         stops early once its `stop` is set. With `monitor`, its values are logged every `monitor.every` steps.
-        Returns the path of the final weights.
+        Returns the path of the final weights; `cost.json` beside them says what the run cost
+        (bench.train.cost), its FLOPs counted on the first batch where the trainer was made with `flops`.
 
         Under torchrun every rank calls this with the same arguments: `sampler`'s batches are global, each
         rank trains on its share of them, and only rank 0 writes files."""
@@ -141,19 +149,19 @@ class Trainer:
         if steps_per_epoch == 0:
             raise UserError(f"trainer.accumulate={cfg.accumulate}: an epoch of {len(sampler.batches())} batches is "
                             f"shorter than one optimiser step; lower trainer.accumulate or trainer.batch_size")
-        total = steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            total = min(total, int(cfg.max_steps))
+        total = training_steps(cfg.budget, steps_per_epoch)
+        # counted eager, before the speed switches (compilation, recomputation) go on
+        flops = self.step_flops(method, dataset, sampler, collate) if self.flops else (None, None)
         model, optimizer = self.setup(method)
         try:
             return self._fit(method, model, optimizer, dataset, collate, sampler, seed, validation, total,
-                             steps_per_epoch, monitor)
+                             steps_per_epoch, monitor, flops)
         finally:
             self.speed.take_off(method)
 
     def _fit(self, method: Method, model: torch.nn.Module, optimizer, dataset: PretrainCorpus, collate,
              sampler: MixedBatchSampler, seed: int, validation: Validation | None, total: int,
-             steps_per_epoch: int, monitor: Monitor | None = None) -> Path:
+             steps_per_epoch: int, monitor: Monitor | None = None, flops: tuple = (None, None)) -> Path:
         cfg, final = self.cfg, self.run_dir / FINAL
         if distributed.world_size() > 1:
             # ranks must not draw the same masks and dropout; a single process keeps the stream it was given
@@ -205,9 +213,33 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if main:
+            cost = run_cost(step, cfg.accumulate, sampler.per_batch, *flops)
+            atomic_write_text(self.run_dir / COST_FILE, json.dumps(cost, indent=2) + "\n")
             atomic_torch_save(final, {"model": method.state_dict(), "step": step})
         distributed.barrier()  # every rank reads the final (and checkpoint, best) weights next
         return final
+
+    def step_flops(self, method: Method, dataset: PretrainCorpus, sampler: MixedBatchSampler, collate
+                   ) -> tuple[int, str]:
+        """Model FLOPs of one optimiser step over all processes, counted on each rank's share of the first batch
+        (`accumulate` micro-batches taken alike), and how they were counted. Training is left exactly as it
+        was: the random streams and the method's buffers are restored and the gradients cleared."""
+        sampler.set_epoch(0)
+        dataset.set_epoch(0)
+        world = distributed.world_size()
+        share = next(iter(sampler if world == 1 else distributed.RankSlice(sampler, distributed.rank(), world)))
+        batch = collate([dataset[i] for i in share])
+        rng, buffers = _rng_state(), {k: v.detach().clone() for k, v in method.named_buffers()}
+        method.to(self.device)
+        try:
+            flops, how = count_flops(method, batch.to(self.device), self.dtype, self.device)
+        finally:
+            _set_rng_state(rng)
+            with torch.no_grad():
+                for name, value in method.named_buffers():
+                    value.copy_(buffers[name])
+        total = distributed.mean_over_ranks({"flops": float(flops)})["flops"] * world * self.cfg.accumulate
+        return round(total), how
 
     def measure(self, method: Method, monitor: Monitor) -> dict[str, float | None]:
         """`monitor(method)` in eval mode, without gradient, under training's autocast; every module's mode and

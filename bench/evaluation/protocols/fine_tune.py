@@ -100,8 +100,9 @@ def fine_tune(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Pr
     sampler = MixedBatchSampler({"train": len(train)}, {"train": batch_size}, seed, "eval.fine_tune.batch_size")
     steps_per_epoch = len(train) // batch_size
     trainer_cfg = OmegaConf.merge(ctx.cfg.trainer, {
-        "epochs": int(ft.epochs), "batch_size": batch_size, "lr": float(ft.lr), "weight_decay": float(ft.weight_decay),
-        "warmup_steps": int(round(float(ft.warmup_epochs) * steps_per_epoch)), "max_steps": None, "accumulate": 1,
+        "budget": {"epochs": int(ft.epochs), "steps": None}, "batch_size": batch_size, "lr": float(ft.lr),
+        "weight_decay": float(ft.weight_decay), "warmup_steps": int(round(float(ft.warmup_epochs) * steps_per_epoch)),
+        "accumulate": 1,
         "precision": ft.precision, "checkpoint_every": 10**9})  # the trainer saves after every epoch anyway
 
     def val_metric(m: FineTuneModel) -> float:
@@ -113,8 +114,9 @@ def fine_tune(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Pr
     stopper = EarlyStopping(val_metric, patience, run_dir / BEST)
     # no compilation: fine-tuning runs are many and short, and each new model would be compiled again
     speed = replace(Speed.resolve(ctx.cfg.runtime.get("speed"), ctx.device), compile=False)
-    Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers, speed=speed).fit(
-        model, train, collate_labelled, sampler, seed, validation=stopper)
+    trainer = Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers, speed=speed,
+                      flops=False)  # a record's cost is its pretraining's
+    trainer.fit(model, train, collate_labelled, sampler, seed, validation=stopper)
     stopper.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["validation"])
     model.load_state_dict(torch.load(run_dir / BEST, map_location=ctx.device, weights_only=False))
     scores = {s: image_outputs(model, parts[s], model.predict, data.preprocessor(augment=False), data.cache,

@@ -25,7 +25,7 @@ def synthetic_batches(cfg: DictConfig, method: Method, count: int, seed: int) ->
     from bench.experiment.pretraining import corpus_channels, corpus_prompt
 
     image = cfg.model.image
-    channels, size = corpus_channels(image), int(image.image_size)
+    channels, size = corpus_channels(image), type(method).corpus_image_size(cfg)
     kinds = [k for k in KINDS if corpus_sources(cfg).get(k)]
     per_batch = batch_composition(int(cfg.trainer.batch_size), dict(cfg.data.corpus.mix), {k: 1 for k in kinds})
     prompt = corpus_prompt(cfg)

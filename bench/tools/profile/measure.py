@@ -1,14 +1,12 @@
 """What a step costs, whatever the method: the device's peak FLOP rate, memory, model FLOPs."""
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
 import torch
 
 from bench.data.batch import Batch
-from bench.modeling.method import Method
 
 VENDOR_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
                       ("H800", 989.4), ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
@@ -100,34 +98,6 @@ def batch_tensors(batch: Batch) -> list[torch.Tensor]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def count_flops(method: Method, batch: Batch, dtype: torch.dtype | None, device: torch.device) -> tuple[int, str]:
-    """Model FLOPs of one forward and backward of `batch` (matmuls, convolutions, attention), counted eager
-    and without activation checkpointing (so recomputation is not counted), and how: `counted`, or where the
-    batch does not fit in memory that way, `3x-forward` (a forward without gradient, and backward taken as
-    twice the forward, the usual convention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    method.train()
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:  # one block: entering the counter again would reset it
-            with autocast:
-                out = method(batch)
-            out.loss.backward()
-        return int(counter.get_total_flops()), "counted"
-    except torch.OutOfMemoryError:
-        pass  # handled below: until the except block is left, its traceback holds the activations
-    finally:
-        method.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), autocast:
-        method(batch)
-    return 3 * int(counter.get_total_flops()), "3x-forward"
 
 
 def device_name(device: torch.device) -> str:

@@ -17,8 +17,9 @@ from bench.data.batch import Batch
 from bench.experiment.config import compose_config
 from bench.modeling.method import Method
 from bench.tools.profile.inputs import cycle_batches, images_per_batch, loader_batches, loader_rate, synthetic_batches
-from bench.tools.profile.measure import (MemoryMeter, batch_tensors, count_flops, device_name, measured_bf16_tflops,
+from bench.tools.profile.measure import (MemoryMeter, batch_tensors, device_name, measured_bf16_tflops,
                                          synchronize, tensor_bytes, vendor_bf16_tflops)
+from bench.train.cost import count_flops
 from bench.train.speed import Speed, loader_workers
 from bench.train.trainer import Trainer, param_groups
 

@@ -216,7 +216,8 @@ def make_objective(spec: SweepSpec, store, device):
                 cfg = spec.config(seed, values, extra=[f"eval.datasets=[{','.join(spec.objective.datasets)}]"])
                 run_dir = store.run_dir(cfg.method.name, cfg.ablation, pretrain_hash(cfg), seed)
                 score = validation_score(cfg, spec.objective, device, run_dir)
-                hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * int(cfg.trainer.epochs))
+                hook = TrialValidation(trial, lambda m: score(m, during_training=True),
+                                       i * int(cfg.trainer.budget.epochs))
                 method, final = pretrain(cfg, store, device, hook)
                 per_seed[str(seed)] = score(method)
                 trial.set_user_attr("runs", {**trial.user_attrs.get("runs", {}), str(seed): str(final.parent)})
