@@ -2,12 +2,13 @@
 BCE, no text at all (the ImageNet/CheXpert-supervised initialisation papers report beside image-text methods).
 
 Its images are the corpus's paired images (MIMIC-CXR, with the CheXpert labeler's values of the study) and its
-image-only images (CheXpert's training split): `unpaired: true` reads both, and text-only sources are left
-out (bench/experiment/pretraining.py). Label policy, one head per entry of `method.labels` (the 14 CheXpert
-observations):
+image-only images (PadChest's training split, its findings mapped to the 14 observations): `unpaired: true`
+reads both, and text-only sources are left out (bench/experiment/pretraining.py). Label policy, one head per
+entry of `method.labels` (the 14 CheXpert observations):
 - 1 positive, 0 negative; blank (not mentioned) counts as 0, as every adapter's evaluation labels count it;
 - -1 uncertain: `method.uncertain` = ignore (masked out of the loss: U-Ignore, the default), zeros or ones;
-- a head the sample's source does not label (CheXpert's adapter gives its 5 competition labels) is masked.
+- a head the sample's source does not label (e.g. CheXpert's adapter, as an image-only source, gives its 5
+  competition labels) is masked.
 The loss is the mean BCE over the batch's unmasked (image, head) entries, so a sample without a usable label
 trains nothing. The same VisionTower preset as every method, so linear probe and fine-tuning read its features
 the same way; no joint space, so no zero-shot.

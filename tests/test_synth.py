@@ -29,6 +29,16 @@ def test_generator_is_deterministic_by_seed(tmp_path, data_home):
     assert _digest(other) != reference
 
 
+def test_a_run_generates_only_what_it_reads_and_the_rest_joins_the_same(tmp_path, data_home):
+    root = ensure_synthetic(tmp_path / "lazy", "tiny", 0, workers=1, datasets=["rsna"])
+    assert sorted(json.loads((root / MARKER).read_text())["counts"]) == ["rsna"]
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [dataset_dir("rsna")]
+    ensure_synthetic(root, "tiny", 0, workers=1, datasets=["chexpert-5x200"])  # a variant: its owner's copy
+    full = data_home / TINY_FOLDER
+    for name in ("rsna", "chexpert"):
+        assert _digest(root / dataset_dir(name)) == _digest(full / dataset_dir(name)), name
+
+
 def test_existing_tree_is_reused_and_a_different_one_refused(data_home, tmp_path):
     root = data_home / TINY_FOLDER
     assert ensure_synthetic(root, "tiny", 0) == root
@@ -119,7 +129,7 @@ def test_an_older_generators_folder_is_read_as_it_is(data_home, tmp_path):
 
 def test_every_frontal_image_has_its_ground_truth_sidecar(data_home):
     root = data_home / TINY_FOLDER
-    for name in ("chexpert", "mimic-cxr", "covidx", "nih", "rsna", "siim"):
+    for name in ("chexpert", "mimic-cxr", "covidx", "nih", "rsna", "siim", "padchest"):
         manifest = DATASETS.get(name)(root / dataset_dir(name)).read(with_reports=False)
         found = {}
         for path in manifest["image_path"]:

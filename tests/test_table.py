@@ -144,18 +144,16 @@ def _three_seed_store(tmp_path):
 def test_delta_to_marks_a_clearly_better_row_and_not_an_equal_one(tmp_path):
     store = _three_seed_store(tmp_path)
     records = store.records()
-    for test in ("bootstrap", "delong"):
-        out = build_table(records, "auc", delta_to="mmclip", test=test)
-        rows = _md_cells(out)
-        mm = [r for r in records if r["method"] == "mmclip"]
-        cl = [r for r in records if r["method"] == "clip"]
-        delta = np.mean([r["metrics"]["auc"] for r in cl]) - np.mean([r["metrics"]["auc"] for r in mm])
-        assert delta > 0.1
-        assert rows["clip"][2].startswith(f"**+{delta:.3f}\\*\\*")  # bold: best; at least ** (p < 0.01)
-        assert rows["mrm"][2] == "+0.000 (n=3)"  # equal: no marker
-        assert rows["mmclip"][2].startswith(f"{np.mean([r['metrics']['auc'] for r in mm]):.3f}±")  # absolute
-        assert "Holm" in out and "\\*\\*\\* p<0.001" in out
-        assert ("averaged over its records" in out) == (test == "delong")
+    out = build_table(records, "auc", delta_to="mmclip")
+    rows = _md_cells(out)
+    mm = [r for r in records if r["method"] == "mmclip"]
+    cl = [r for r in records if r["method"] == "clip"]
+    delta = np.mean([r["metrics"]["auc"] for r in cl]) - np.mean([r["metrics"]["auc"] for r in mm])
+    assert delta > 0.1
+    assert rows["clip"][2].startswith(f"**+{delta:.3f}\\*\\*")  # bold: best; at least ** (p < 0.01)
+    assert rows["mrm"][2] == "+0.000 (n=3)"  # equal: no marker
+    assert rows["mmclip"][2].startswith(f"{np.mean([r['metrics']['auc'] for r in mm]):.3f}±")  # absolute
+    assert "Holm" in out and "\\*\\*\\* p<0.001" in out
     doc = pd.read_csv(io.StringIO(build_table(records, "auc", fmt="csv", delta_to="mmclip:none")))
     clip = doc[doc.method == "clip"].iloc[0]
     assert clip.p < 0.01 and clip.p_holm == clip.p and clip.marker == "**" and clip.test == "bootstrap"
@@ -163,6 +161,78 @@ def test_delta_to_marks_a_clearly_better_row_and_not_an_equal_one(tmp_path):
     assert np.isnan(doc[doc.method == "mmclip"].iloc[0].delta)
     with pytest.raises(UserError, match="rows: clip:none, mmclip:none, mrm:none"):
         build_table(records, "auc", delta_to="nope")
+
+
+def test_delong_with_several_seeds_is_refused_as_it_would_test_another_quantity(tmp_path):
+    records = _three_seed_store(tmp_path).records()
+    with pytest.raises(UserError, match=r"--test delong compares one record per side, but clip:none has 3 records "
+                                        r"\(seeds\) in chexpert linear-probe 100%; use --test bootstrap") as err:
+        build_table(records, "auc", delta_to="mmclip", test="delong")
+    assert "\n" not in str(err.value)
+    one_clip = [r for r in records if r["method"] != "clip" or r["pretrain_seed"] == 0]
+    with pytest.raises(UserError, match="mmclip:none \\(the reference\\) has 3 records"):
+        build_table(one_clip, "auc", delta_to="mmclip", test="delong")
+
+
+def _one_seed_store(tmp_path, y):
+    store = ResultsStore(tmp_path / "results")
+    _write(store, "mmclip", "none", 0, y, 0.6)
+    _write(store, "clip", "none", 0, y, 1.6)
+    _write(store, "mrm", "none", 0, y, 0.6, noise_seed=1000)  # the very same scores as mmclip
+    return store
+
+
+@pytest.mark.parametrize("test", ["bootstrap", "delong"])
+def test_the_delta_shown_is_the_delta_tested(tmp_path, test, monkeypatch):
+    y = _truth()
+    y[:, 2] = 0.0
+    y[5, 2] = 1.0  # Edema: one positive, so DeLong leaves it out of the macro test
+    records = _one_seed_store(tmp_path, y).records()
+    tested = {}
+    for name in ("delong", "paired_bootstrap"):
+        real = getattr(bench.evaluation.stats, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            res = _real(*args, **kwargs)
+            tested.setdefault(_name, []).append(res["delta"])
+            return res
+
+        monkeypatch.setattr(bench.evaluation.stats, name, spy)
+    doc = pd.read_csv(io.StringIO(build_table(records, "auc", fmt="csv", delta_to="mmclip", test=test)))
+    compared = doc[doc.method != "mmclip"].set_index("method")
+    name = "delong" if test == "delong" else "paired_bootstrap"
+    assert sorted(compared["delta"]) == pytest.approx(sorted(tested[name]), abs=0)
+    clip = compared.loc["clip"]
+    shown = _md_cells(build_table(records, "auc", delta_to="mmclip", test=test))["clip"][2]
+    marker = clip.marker.replace("*", "\\*")
+    assert shown.startswith(f"**{clip.delta:+.3f}{marker} (n=1)") and clip.p < 0.05 and clip.test == test
+    by_record = np.mean([r["metrics"]["auc"] for r in records if r["method"] == "clip"]) - \
+        np.mean([r["metrics"]["auc"] for r in records if r["method"] == "mmclip"])
+    if test == "delong":  # the records' macro AUCs average Edema too; DeLong's Δ does not, and says so
+        assert clip.delta != pytest.approx(by_record, abs=1e-6)
+        assert "left out: Edema (1 positive(s), 239 negative(s))" in clip.note
+    else:
+        assert clip.delta == pytest.approx(by_record, abs=1e-12)
+
+
+def test_delong_on_one_record_per_side_matches_the_records(tmp_path):
+    records = _one_seed_store(tmp_path, _truth()).records()
+    rows = _md_cells(build_table(records, "auc", delta_to="mmclip", test="delong"))
+    clip = next(r for r in records if r["method"] == "clip")["metrics"]["auc"]
+    mm = next(r for r in records if r["method"] == "mmclip")["metrics"]["auc"]
+    assert rows["clip"][2].startswith(f"**+{clip - mm:.3f}\\*\\*\\*") and rows["mrm"][2] == "+0.000 (n=1)"
+
+
+def test_classes_rare_in_the_test_split_are_named_under_the_table(tmp_path):
+    rare = {"Edema": {"positives": 2, "negatives": 238}}
+    recs = [_rec("clip", "none", 0, "linear-probe", 0.7, dataset="nih", rare_classes=rare),
+            _rec("clip", "none", 1, "linear-probe", 0.7, dataset="nih", rare_classes=rare),
+            _rec("clip", "none", 0, "linear-probe", 0.7, dataset="chexpert", rare_classes={})]
+    doc = json.loads(build_table(recs, "auc", fmt="json"))
+    notes = [n for n in doc["notes"] if "few test samples" in n]
+    assert notes == [("nih: few test samples of Edema (2 positives) (fewer than 5 positives or negatives): their "
+                      "per-class values rest on a handful of samples, and the macro AUC's CI on the resamples that "
+                      "draw every class")]
 
 
 def test_holm_correction_across_datasets_decides_the_marker(monkeypatch):
@@ -310,3 +380,38 @@ def test_cli_table(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert main(["table", "--results-dir", str(store.root), "--datasets", "nih"]) == 2
     assert "datasets present: chexpert" in capsys.readouterr().err
+
+
+def test_a_contaminated_cell_is_marked_and_its_source_named():
+    touched = [{"source": "chexpert", "kind": "image_only", "how": ["same dataset"], "patients": 0, "images": 5}]
+    records = [_rec("mmclip", "none", 0, "zero-shot", 0.8, contamination=touched),
+               _rec("mmclip", "none", 0, "zero-shot", 0.7, dataset="rsna", contamination=[]),
+               _rec("clip", "none", 0, "zero-shot", 0.6)]
+    out = build_table(records, "auc")
+    cells = _md_cells(out)
+    assert cells["mmclip"][2:] == ["**0.800 (n=1) †**", "0.700 (n=1)"]
+    assert "†" not in "".join(cells["clip"])
+    assert "† mmclip:none saw chexpert's data in pretraining (image_only source chexpert: same dataset (5 images))" in out
+    long = json.loads(build_table(records, "auc", fmt="json"))["cells"]
+    assert sorted((c["method"], c["dataset"]) for c in long if c["contaminated"]) == [("mmclip", "chexpert")]
+
+
+def test_cost_columns_say_what_each_row_trained():
+    def cost(steps, image_only):
+        return {"optimizer_steps": steps, "samples": {"paired": 32 * steps, "image_only": image_only * steps},
+                "flops_per_step": 2e9, "flops_counted": "counted", "flops": 2e9 * steps}
+
+    records = [_rec("mmclip", "none", s, "zero-shot", 0.8, cost=cost(448, 16)) for s in (0, 1)]
+    records += [_rec("clip", "none", 0, "zero-shot", 0.6, cost=cost(448, 0)), _rec("mrm", "none", 0, "zero-shot", 0.5)]
+    out = build_table(records, "auc", cost=True)
+    header = next(line for line in out.splitlines() if line.startswith("| method"))
+    assert [c.strip() for c in header.split("|")[-7:-1]] == ["steps", "paired seen", "image-only seen",
+                                                             "text-only seen", "GFLOP/step", "GFLOP"]
+    cells = _md_cells(out)
+    assert cells["mmclip"][-6:] == ["448", "14,336", "7,168", "0", "2", "896"]
+    assert cells["clip"][-6:] == ["448", "14,336", "0", "0", "2", "896"]
+    assert cells["mrm"][-6:] == ["?"] * 6  # a record that does not say what it cost
+    assert "GFLOP" not in build_table(records, "auc")
+    rows = json.loads(build_table(records, "auc", fmt="json", cost=True))["rows"]
+    assert {"method": "clip", "ablation": "none", "variant": "", "steps": "448", "paired seen": "14,336",
+            "image-only seen": "0", "text-only seen": "0", "GFLOP/step": "2", "GFLOP": "896"} in rows

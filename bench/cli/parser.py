@@ -8,7 +8,7 @@ from bench.data.synth import DIFFICULTIES, SIZES
 
 EPILOG = """examples:
   bench run --method clip                         pretrain + evaluate on the synthetic benchmark
-  bench run --method clip --ablation fixed-temperature --seed 1 trainer.epochs=2
+  bench run --method clip --ablation fixed-temperature --seed 1 trainer.budget.epochs=2
   bench run --method clip data.mimic-cxr.root=/data/mimic-cxr-jpg/2.0.0 \\
             data.chexpert.root=/data/CheXpert-v1.0-small model=base
   bench table --metric auc
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Pretrain METHOD (or resume/reuse its checkpoint), evaluate it with every "
                                      "configured protocol and dataset, write one record per evaluation and "
                                      "print the table. Finished work is skipped on re-runs.",
-                         epilog="Trailing key=value items are Hydra overrides, e.g. trainer.epochs=2 model=tiny "
+                         epilog="Trailing key=value items are Hydra overrides, e.g. trainer.budget.epochs=2 model=tiny "
                                 "eval.protocols=[zero-shot].")
     run.add_argument("--method", required=True, help="registered method (see `bench list`)")
     run.add_argument("--ablation", default="none", help="one of the method's ablations (default: none)")
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--test", default="bootstrap", choices=["bootstrap", "delong"],
                        help="paired test for --delta-to: bootstrap over stored replicates (default) or DeLong "
                             "on stored predictions (AUC only)")
+    table.add_argument("--cost", action="store_true",
+                       help="add what each row's pretraining cost: optimiser steps, samples seen of each kind, "
+                            "model GFLOPs per step and in all (the records' `cost`)")
     table.add_argument("--ci", action="store_true",
                        help="append the CI of the seed mean (two-level bootstrap over seeds and test resamples)")
     table.add_argument("--prompt-set", default=None, metavar="NAME",

@@ -9,9 +9,11 @@ import torch
 from omegaconf import DictConfig
 
 from bench.core.results import ResultsStore
+from bench.experiment.contamination import announce
 from bench.experiment.evaluating import Subject, evaluate, random_init_subject, report_timing, subject_of_run
 from bench.experiment.pretraining import build_method, pretrain
 from bench.experiment.setup import start
+from bench.train import distributed
 
 
 def pretrain_and_evaluate(cfg: DictConfig, store: ResultsStore, device: torch.device, random_init: bool = False,
@@ -24,6 +26,8 @@ def pretrain_and_evaluate(cfg: DictConfig, store: ResultsStore, device: torch.de
     if random_init:
         method, subject = build_method(cfg, cfg.seed).to(device), random_init_subject(cfg)
     else:
+        if distributed.is_main():
+            announce(cfg)
         method, final = pretrain(cfg, store, device)
         subject = subject_of_run(cfg, final)
     pretrained = time.perf_counter()

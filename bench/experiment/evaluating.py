@@ -3,6 +3,7 @@ evaluation seed), each written once with its provenance, finished ones skipped, 
 same record computing it once."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from bench.core.errors import UserError
 from bench.core.hashing import stable_hash, to_plain
 from bench.core.io import file_sha256, remove_stale_temporaries
 from bench.core.provenance import device_info, git_state, library_versions
@@ -20,8 +22,11 @@ from bench.core.results import RANDOM_INIT, RecordKey, ResultsStore
 from bench.data.loading import LoadedDataset, load_dataset
 from bench.evaluation.features import FeatureCache
 from bench.evaluation.protocol import EvalContext, run_protocol
+from bench.experiment.config import ablation_changes
+from bench.experiment.contamination import pretraining_overlap
 from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
 from bench.train import distributed
+from bench.train.cost import COST_FILE, UNTRAINED
 from bench.train.speed import loader_workers
 
 
@@ -72,6 +77,10 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
                             int(cfg.eval.batch_size), device, workers)
     written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
     loaded: dict[str, LoadedDataset] = {}
+    overlaps: dict[str, list[dict] | None] = {}
+    changes = ablation_record(cfg, subject)
+    if changes is not None:
+        provenance = {**(provenance or {}), "ablation_changes": changes}
     for key in evaluation_plan(cfg, subject, method.joint_space):
         if distributed.agree(store.exists(key, report=distributed.is_main())) and not force:
             continue
@@ -80,7 +89,7 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
             if distributed.agree(store.exists(key, report=False)) and not force:
                 continue
             path, spent = _evaluate_one(cfg, method, subject, key, store, loaded, features, device, workers,
-                                        provenance)
+                                        provenance, overlaps)
         if path is not None:
             written.append(path)
         for k, v in spent.items():
@@ -90,12 +99,15 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
 
 def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, key: RecordKey, store: ResultsStore,
                   loaded: dict[str, LoadedDataset], features: FeatureCache, device: torch.device, workers: int,
-                  provenance: dict | None) -> tuple[Path | None, dict[str, float]]:
+                  provenance: dict | None, overlaps: dict[str, list[dict] | None]
+                  ) -> tuple[Path | None, dict[str, float]]:
     """One record: (its path, None on ranks other than 0; where the time went)."""
     if key.dataset not in loaded:
         with distributed.main_first():
             loaded[key.dataset] = load_dataset(cfg, key.dataset)
     data = loaded[key.dataset]
+    if key.dataset not in overlaps:  # rank 0 writes the records, and alone reads the corpus to fill them
+        overlaps[key.dataset] = contamination(cfg, subject, data, loaded) if distributed.is_main() else None
     data.splits.used.clear()
     data.skipped.clear()
     started, encoded = time.perf_counter(), features.seconds
@@ -113,6 +125,7 @@ def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, ke
     record = {
         **numbers, "task": {"labels": task.labels, "kind": task.kind, "metric": task.metric},
         "config": to_plain(cfg), "config_hash": config_hash(cfg), "checkpoint": subject.checkpoint,
+        "cost": model_cost(subject), "contamination": overlaps[key.dataset],
         "splits": {"dir": str(data.splits.directory), "sha256": dict(data.splits.used),
                    "unreadable_skipped": dict(data.skipped)},
         "git": git_state(), "libraries": library_versions(), "device": device_info(device),
@@ -124,6 +137,40 @@ def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, ke
     if distributed.is_main():
         PROTOCOLS.get(key.protocol).remove_outputs(cfg, folder)
     return path, spent
+
+
+def ablation_record(cfg: DictConfig, subject: Subject) -> dict[str, list] | None:
+    """What the trained model's ablation changes ({key: [without, with]}, as `bench list` shows it); None for
+    a model that is no ablation of a registered method: the random-init baseline, an external model, a sweep's
+    finalized model (named after its study; its parameters are in the record's `sweep`)."""
+    if subject.method != cfg.method.name:
+        return None
+    try:
+        changes = ablation_changes(cfg.method.name, cfg.ablation)
+    except UserError:
+        return None
+    return {k: [a, b] for k, (a, b) in changes.items()}
+
+
+def contamination(cfg: DictConfig, subject: Subject, data: LoadedDataset, loaded: dict[str, LoadedDataset]
+                  ) -> list[dict] | None:
+    """What of `data` the model saw in pretraining (bench.experiment.contamination): nothing for the untrained
+    baseline, None (unknown) for an external model."""
+    if subject.method == RANDOM_INIT:
+        return []
+    if subject.method == "external":
+        return None
+    return pretraining_overlap(cfg, data, loaded)
+
+
+def model_cost(subject: Subject) -> dict | None:
+    """What training the model cost (bench.train.cost): the run's `cost.json` beside its weights, nothing for
+    the random-init baseline, None where unknown (an external model, a run trained before costs were kept)."""
+    if subject.method == RANDOM_INIT:
+        return dict(UNTRAINED)
+    path = (subject.checkpoint or {}).get("path")
+    cost = Path(path).parent / COST_FILE if path else None
+    return json.loads(cost.read_text()) if cost is not None and cost.is_file() else None
 
 
 def subject_of_run(cfg: DictConfig, checkpoint: Path) -> Subject:

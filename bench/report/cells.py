@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 from bench.core.errors import UserError
-from bench.report.selection import COL_KEYS, ROW_KEYS, assign_variants, parse_spec, row_name
+from bench.report.selection import COL_KEYS, ROW_KEYS, assign_variants, fraction_label, parse_spec, row_label, row_name
 
 LONG_COLUMNS = ["method", "ablation", "pretrain_hash", "dataset", "protocol", "fraction", "mean", "std", "n",
                 "records", "ci_lo", "ci_hi", "best", "delta", "delta_ci_lo", "delta_ci_hi", "p", "p_holm", "marker",
-                "test", "variant", "kind", "metric", "prompt_set", "eval_hash", "source", "note"]
+                "test", "variant", "kind", "metric", "prompt_set", "eval_hash", "source", "note", "contaminated"]
 
 
 def stats_module():
@@ -56,6 +56,7 @@ def summarise(frame: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
             "std": float(values[finite].std(ddof=1)) if n > 1 else np.nan,
             "n": n, "records": len(g), "kind": "measured", "ci_lo": np.nan, "ci_hi": np.nan, "note": "",
             "prompt_set": ",".join(sorted({p for p in g["prompt_set"] if isinstance(p, str)})),
+            "contaminated": any(bool(c) for c in g["contamination"]),
         })
         if ci and n:
             cell["ci_lo"], cell["ci_hi"], cell["note"] = _cell_ci(g[finite])
@@ -63,8 +64,8 @@ def summarise(frame: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     long = pd.DataFrame(cells)
     for col in LONG_COLUMNS:
         if col not in long:
-            long[col] = {"best": False, "marker": "", "test": "", "source": "", "note": "", "metric": ""}.get(
-                col, np.nan)
+            long[col] = {"best": False, "marker": "", "test": "", "source": "", "note": "", "metric": "",
+                         "contaminated": False}.get(col, np.nan)
     return long
 
 
@@ -80,7 +81,7 @@ def complete_grid(long: pd.DataFrame, columns: list[tuple]) -> pd.DataFrame:
                 fill.append({**dict(zip(ROW_KEYS, row)), **dict(zip(COL_KEYS, col)), "n": 0, "records": 0,
                              "mean": np.nan, "std": np.nan, "kind": first["kind"], "best": False,
                              "pretrain_hash": first["pretrain_hash"], "source": first["source"], "note": "",
-                             "marker": "", "test": "", "prompt_set": "", "eval_hash": ""})
+                             "marker": "", "test": "", "prompt_set": "", "eval_hash": "", "contaminated": False})
     if not fill:
         return long
     return pd.concat([long, pd.DataFrame(fill).reindex(columns=long.columns)], ignore_index=True)
@@ -114,26 +115,49 @@ def _predictions(path: str) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _mean_scores(cell: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
-    """(sample ids, truth, scores averaged per sample over the cell's records), or why not."""
-    if any(p is None or not Path(p).exists() for p in cell["predictions"]):
+def _scores(cell: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | str:
+    """(sample ids, truth, scores, class names) of the cell's one record, by sample id, or why not."""
+    path = cell["predictions"].iloc[0]
+    if path is None or not Path(path).exists():
         return "predictions file missing"
-    frames = [_predictions(str(p)) for p in cell["predictions"]]
-    score_cols = [c for c in frames[0].columns if c.startswith("score/")]
-    true_cols = [c for c in frames[0].columns if c.startswith("true/")]
-    if not score_cols or any(list(f.columns) != list(frames[0].columns) for f in frames):
-        return "predictions files disagree on their classes"
-    both = pd.concat(frames)
-    truth = both.groupby("sample_id", sort=True)[true_cols]
-    if (truth.nunique() > 1).any().any():
-        return "predictions files disagree on the truth"
-    scores = both.groupby("sample_id", sort=True)[score_cols].mean()
-    return scores.index.to_numpy(), truth.first().to_numpy(float), scores.to_numpy(float)
+    frame = _predictions(str(path)).sort_values("sample_id")
+    score_cols = [c for c in frame.columns if c.startswith("score/")]
+    true_cols = [c for c in frame.columns if c.startswith("true/")]
+    names = [c[len("score/"):] for c in score_cols]
+    if not score_cols or names != [c[len("true/"):] for c in true_cols]:
+        return "predictions file lacks matching true/ and score/ columns"
+    return frame["sample_id"].to_numpy(), frame[true_cols].to_numpy(float), frame[score_cols].to_numpy(float), names
+
+
+def _delong(a: pd.DataFrame, b: pd.DataFrame, out: Comparison) -> Comparison:
+    """DeLong's test of one record per side, from their predictions. The Δ shown becomes DeLong's own: where it
+    leaves a class out of the macro (too few positives or negatives to estimate its variance), that differs from
+    the difference of the records' macro AUCs, and the note names the classes."""
+    sa, sb = _scores(a), _scores(b)
+    reason = sa if isinstance(sa, str) else sb if isinstance(sb, str) else ""
+    if not reason and (len(sa[0]) != len(sb[0]) or (sa[0] != sb[0]).any() or sa[3] != sb[3]
+                       or (sa[1] != sb[1]).any()):
+        reason = "predictions cover different samples, classes or truth"
+    if reason:
+        out.note = f"{reason}: not tested"
+        return out
+    res = stats_module().delong(sa[1], sa[2], sb[2], labels=sa[3])
+    out.test = "delong"
+    if not np.isfinite(res["p"]):
+        out.note = f"DeLong p undefined ({res['reason']}): not tested"
+        return out
+    out.delta, out.p = float(res["delta"]), float(res["p"])
+    left_out = {c: why for c, why in res["untested"].items() if np.isfinite(res["per_class"][c]["delta"])}
+    if left_out:
+        out.note = ("Δ and DeLong's test over the classes with estimable variance; left out: "
+                    + ", ".join(f"{c} ({why.split(':')[0]})" for c, why in left_out.items()))
+    return out
 
 
 def compare_cells(a: pd.DataFrame, b: pd.DataFrame, test: str, metric: str) -> Comparison:
     """Row cell `a` vs reference cell `b` (records with a finite value): the paired test if both sides were
-    evaluated on the same test set with aligned resamples; `n/a` with the reason otherwise."""
+    evaluated on the same test set with aligned resamples; `n/a` with the reason otherwise. The Δ returned is
+    the tested one (the difference of the seed means for the bootstrap; DeLong's, see `_delong`)."""
     out = Comparison(delta=float(a["value"].mean() - b["value"].mean()))
     ids = set(a["test_ids"]) | set(b["test_ids"])
     if None in ids:
@@ -142,18 +166,7 @@ def compare_cells(a: pd.DataFrame, b: pd.DataFrame, test: str, metric: str) -> C
     if len(ids) > 1:
         return Comparison(note="different test sets (bootstrap.test_ids_sha256 differ): not compared")
     if test == "delong" and metric == "auc":
-        sa, sb = _mean_scores(a), _mean_scores(b)
-        reason = sa if isinstance(sa, str) else sb if isinstance(sb, str) else ""
-        if not reason and (len(sa[0]) != len(sb[0]) or (sa[0] != sb[0]).any() or (sa[1] != sb[1]).any()):
-            reason = "predictions cover different samples or truth"
-        if reason:
-            out.note = f"{reason}: not tested"
-            return out
-        res = stats_module().delong(sa[1], sa[2], sb[2])
-        out.p, out.test = float(res["p"]), "delong"
-        if not np.isfinite(out.p):
-            out.note = "DeLong p undefined (no class with both labels, or no estimable variance): not tested"
-        return out
+        return _delong(a, b, out)
     if any(r is None for r in [*a["replicates"], *b["replicates"]]):
         out.note = "bootstrap replicates missing: not tested"
         return out
@@ -161,10 +174,18 @@ def compare_cells(a: pd.DataFrame, b: pd.DataFrame, test: str, metric: str) -> C
         out.note = "bootstrap resamples differ (resamples/seed): not tested"
         return out
     res = stats_module().paired_bootstrap(list(a["replicates"]), list(b["replicates"]), seed=0,
-                                    point_a=list(a["value"]), point_b=list(b["value"]))
-    out.p, out.test = float(res["p"]), "bootstrap"
+                                          point_a=list(a["value"]), point_b=list(b["value"]))
+    out.delta, out.p, out.test = float(res["delta"]), float(res["p"]), "bootstrap"
     out.ci = (float(res["ci"][0]), float(res["ci"][1]))
     return out
+
+
+def one_record_per_side(cell: pd.DataFrame, name: str, column: str) -> None:
+    """DeLong compares two records' scores: with several seeds in a cell it would test the AUC of the
+    seed-averaged scores while the cell shows the mean of the seeds' AUCs, so that is refused."""
+    if len(cell) > 1:
+        raise UserError(f"--test delong compares one record per side, but {name} has {len(cell)} records (seeds) "
+                        f"in {column}; use --test bootstrap (the default), which pools seeds")
 
 
 def resolve_reference(long: pd.DataFrame, spec: str) -> tuple[str, str, str]:
@@ -189,7 +210,9 @@ def resolve_reference(long: pd.DataFrame, spec: str) -> tuple[str, str, str]:
 def add_deltas(long: pd.DataFrame, frame: pd.DataFrame, reference: tuple[str, str, str], test: str,
                metric: str) -> pd.DataFrame:
     """Every other measured row's change from `reference` per column with the paired test's p; p-values
-    Holm-adjusted across the datasets of each (protocol, fraction) per row; markers from the adjusted p."""
+    Holm-adjusted across the datasets of each (protocol, fraction) per row; markers from the adjusted p. The Δ
+    and the marker of a cell are always of one quantity: the test's own Δ is shown, and DeLong, which compares
+    two records, is refused for a cell of several (`one_record_per_side`)."""
     stats = stats_module()
     long = long.copy()
     if "variant" not in frame:
@@ -206,7 +229,12 @@ def add_deltas(long: pd.DataFrame, frame: pd.DataFrame, reference: tuple[str, st
         if ref is None:
             long.at[i, "note"] = join_notes(row["note"], "the reference row has no value here: not compared")
             continue
-        cmp = compare_cells(cells[(*tuple(row[ROW_KEYS]), *col)], ref, test, metric)
+        cell = cells[(*tuple(row[ROW_KEYS]), *col)]
+        if test == "delong" and metric == "auc":
+            column = " ".join(str(v) for v in (col[0], col[1], fraction_label(col[2])))
+            one_record_per_side(cell, row_label(*row[ROW_KEYS]), column)
+            one_record_per_side(ref, row_label(*reference) + " (the reference)", column)
+        cmp = compare_cells(cell, ref, test, metric)
         long.at[i, "delta"], long.at[i, "p"], long.at[i, "test"] = cmp.delta, cmp.p, cmp.test
         long.at[i, "delta_ci_lo"], long.at[i, "delta_ci_hi"] = cmp.ci
         long.at[i, "note"] = join_notes(row["note"], cmp.note)

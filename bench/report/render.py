@@ -14,6 +14,7 @@ from bench.report.selection import COL_KEYS, ROW_KEYS
 
 FORMATS = ("markdown", "latex", "csv", "json")
 MISSING = "missing"
+CONTAMINATED = " †"  # the model saw this dataset's data in pretraining (bench.experiment.contamination)
 
 
 @dataclass
@@ -28,13 +29,15 @@ class Table:
     notes: list[str] = field(default_factory=list)
     ci: bool = False
     reference: tuple | None = None
+    extra_columns: list[str] = field(default_factory=list)  # per-row columns after the cells (e.g. --cost)
+    extra: dict[tuple, list[str]] = field(default_factory=dict)  # row -> its values of extra_columns
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
-def cell_text(cell: pd.Series | None, ci: bool = False) -> str:
+def _value_text(cell: pd.Series | None, ci: bool = False) -> str:
     """One table cell: `mean±std (n=k)`, `mean (n=1)`, a delta `+0.012** (n=3)`, or `missing`."""
     if cell is None or not np.isfinite(float(cell["mean"])):
         return MISSING
@@ -58,11 +61,17 @@ def cell_text(cell: pd.Series | None, ci: bool = False) -> str:
     return absolute
 
 
+def cell_text(cell: pd.Series | None, ci: bool = False) -> str:
+    """`_value_text`, with † where the cell's model saw the dataset's data in pretraining."""
+    text = _value_text(cell, ci)
+    return text + CONTAMINATED if cell is not None and text != MISSING and bool(cell.get("contaminated")) else text
+
+
 def _grid(table: Table, bold: tuple[str, str], escape=lambda s: s) -> tuple[list[str], list[list[str]]]:
     index = {(tuple(r[ROW_KEYS]), tuple(r[COL_KEYS])): r for _, r in table.long.iterrows()}
     show_variant = any(r[2] for r in table.rows)
     header = ["method", "ablation", *(["variant"] if show_variant else []),
-              *[table.column_labels[c] for c in table.columns]]
+              *[table.column_labels[c] for c in table.columns], *table.extra_columns]
     body = []
     for row in table.rows:
         cells = []
@@ -70,7 +79,8 @@ def _grid(table: Table, bold: tuple[str, str], escape=lambda s: s) -> tuple[list
             cell = index.get((row, c))
             text = escape(cell_text(cell, table.ci))
             cells.append(f"{bold[0]}{text}{bold[1]}" if cell is not None and bool(cell["best"]) else text)
-        body.append([escape(row[0]), escape(row[1]), *([escape(row[2])] if show_variant else []), *cells])
+        extra = [escape(v) for v in table.extra.get(row, [""] * len(table.extra_columns))]
+        body.append([escape(row[0]), escape(row[1]), *([escape(row[2])] if show_variant else []), *cells, *extra])
     return [escape(h) for h in header], body
 
 
@@ -132,7 +142,11 @@ def render_json(table: Table) -> str:
     cells = [{k: clean(v) for k, v in rec.items()} for rec in long_form(table).to_dict(orient="records")]
     for c in cells:
         c["n"] = None if c["n"] is None else int(c["n"])
-    return json.dumps({"metric": table.metric, "title": table.title, "cells": cells, "notes": table.notes}, indent=1)
+    out = {"metric": table.metric, "title": table.title, "cells": cells, "notes": table.notes}
+    if table.extra_columns:  # per-row columns (--cost): {"method", "ablation", "variant", column: value}
+        out["rows"] = [{**dict(zip(ROW_KEYS, row)), **dict(zip(table.extra_columns, values))}
+                       for row, values in table.extra.items()]
+    return json.dumps(out, indent=1)
 
 
 RENDERERS = {"markdown": render_markdown, "latex": render_latex, "csv": render_csv, "json": render_json}

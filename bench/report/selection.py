@@ -139,7 +139,10 @@ def prompt_set_key(record: dict, name: str) -> str | None:
 
 def load_frame(records: list[dict], metric: str, prompt_set: str | None = None) -> pd.DataFrame:
     """One row per record: its identity, the metric's value (NaN when absent), the stored bootstrap replicates
-    and CI of that metric (None when absent), the test set's identity and the predictions file."""
+    and CI of that metric (None when absent), the test set's identity, the predictions file and the classes
+    too rare in the test split for reliable statistics ({class: {"positives", "negatives"}}; {} when absent),
+    what of the dataset its model saw in pretraining (`contamination`, [] when clean or not known) and what its
+    model cost (`cost`, None when not known)."""
     rows = []
     for r in records:
         boot = r.get("bootstrap") or {}
@@ -166,11 +169,13 @@ def load_frame(records: list[dict], metric: str, prompt_set: str | None = None) 
             "test_ids": boot.get("test_ids_sha256"),
             "resampling": (boot.get("resamples"), boot.get("seed")) if boot else None,
             "predictions": pred, "prompt_set": pset, "record_path": r.get("record_path"),
+            "rare_classes": r.get("rare_classes") or {},
+            "contamination": r.get("contamination") or [], "cost": r.get("cost"),
         })
     return pd.DataFrame(rows, columns=[
         "method", "ablation", "pretrain_hash", "eval_hash", "dataset", "protocol", "fraction", "pretrain_seed",
         "eval_seed", "value", "replicates", "stored_ci", "confidence", "test_ids", "resampling", "predictions",
-        "prompt_set", "record_path"])
+        "prompt_set", "record_path", "rare_classes", "contamination", "cost"])
 
 
 def assign_variants(frame: pd.DataFrame) -> pd.DataFrame:

@@ -45,8 +45,10 @@ def _marker_legend() -> str:
 def aggregate(records: list[dict], metric: str = "auc", protocol: str | None = None, *,
               fraction: float | str | None = None, datasets: str | Sequence[str] | None = None,
               methods: str | Sequence[str] | None = None, delta_to: str | None = None, test: str = "bootstrap",
-              ci: bool = False, prompt_set: str | None = None, reference: str | Path | None = None) -> Table:
-    """Filters, loads, summarises, marks the best, adds deltas and quoted rows: everything but rendering."""
+              ci: bool = False, prompt_set: str | None = None, reference: str | Path | None = None,
+              cost: bool = False) -> Table:
+    """Filters, loads, summarises, marks the best, adds deltas and quoted rows: everything but rendering. With
+    `cost`, every row also shows what its models cost to train (`cost_columns`)."""
     if test not in TESTS:
         raise UserError(f"unknown test {test!r}; valid tests: {', '.join(TESTS)}")
     notes: list[str] = []
@@ -67,6 +69,7 @@ def aggregate(records: list[dict], metric: str = "auc", protocol: str | None = N
             long = pd.concat([long, quoted.reindex(columns=long.columns)], ignore_index=True)
             for col in ("marker", "test", "note", "source", "prompt_set", "eval_hash", "ablation", "variant"):
                 long[col] = long[col].fillna("")
+            long["contaminated"] = long["contaminated"].astype("boolean").fillna(False).astype(bool)
     long = mark_best(complete_grid(long, columns))
     long["metric"] = metric
     if ref_row is not None:
@@ -94,8 +97,8 @@ def aggregate(records: list[dict], metric: str = "auc", protocol: str | None = N
         if test == "delong" and not delong:
             notes.append(f"DeLong applies to AUC only; {metric} is compared with the paired bootstrap")
         notes.append(
-            ("Test: DeLong on the macro AUC (paired, same test samples); with several seeds, each row's per-sample "
-             "scores are averaged over its records first." if delong else
+            ("Test: DeLong on the macro AUC of one record per side (paired, same test samples); Δ is DeLong's, "
+             "over the classes with at least 2 positives and 2 negatives in the test split." if delong else
              "Test: paired bootstrap over the stored test-set replicates (same resamples on both sides; seeds "
              "pooled by a two-level bootstrap).")
             + " p-values Holm-corrected across the datasets of each (protocol, fraction), per row. Markers "
@@ -112,8 +115,82 @@ def aggregate(records: list[dict], metric: str = "auc", protocol: str | None = N
     for _, r in long[long["note"].fillna("") != ""].iterrows():
         notes.append(f"{row_name(r['method'], r['ablation'])}{' ' + r['variant'] if r['variant'] else ''}, "
                      f"{labels[tuple(r[COL_KEYS])]}: {r['note']}")
+    notes.extend(rare_class_notes(frame))
+    notes.extend(contamination_notes(frame))
     notes.append(f"metrics in these records: {', '.join(present)}")
-    return Table(metric, long, rows, columns, labels, title, notes, ci, ref_row)
+    table = Table(metric, long, rows, columns, labels, title, notes, ci, ref_row)
+    if cost:
+        table.extra_columns, table.extra = cost_columns(frame, rows)
+        notes.append("cost: optimiser steps, samples seen of each kind (paired / image-only / text-only), model GFLOPs "
+                     "of one optimiser step (counted on the first batch) and in all, of the pretraining behind each "
+                     "row; a range where its records differ, ? where a record does not say")
+    return table
+
+
+def contamination_notes(frame: pd.DataFrame) -> list[str]:
+    """One note per (row, dataset) whose model saw the dataset's data in pretraining (cells marked †)."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for method, ablation, dataset, found in zip(frame["method"], frame["ablation"], frame["dataset"],
+                                               frame["contamination"]):
+        for f in found or []:
+            what = f"{f['kind']} source {f['source']}: {', '.join(f['how'])}"
+            counts = [f"{f[k]} {k}" for k in ("patients", "images") if f.get(k)]
+            seen.setdefault((row_name(method, ablation), dataset), set()).add(
+                what + (f" ({', '.join(counts)})" if counts else ""))
+    return [f"† {row} saw {dataset}'s data in pretraining ({'; '.join(sorted(how))}): not a clean {dataset} result"
+            for (row, dataset), how in seen.items()]
+
+
+COST_COLUMNS = ["steps", "paired seen", "image-only seen", "text-only seen", "GFLOP/step", "GFLOP"]
+
+
+def cost_columns(frame: pd.DataFrame, rows: list[tuple]) -> tuple[list[str], dict[tuple, list[str]]]:
+    """(COST_COLUMNS, row -> its values), from the `cost` of the row's records."""
+    values: dict[tuple, list[dict | None]] = {}
+    for row, cost in zip(frame[ROW_KEYS].itertuples(index=False), frame["cost"]):
+        values.setdefault(tuple(row), []).append(cost)
+
+    def shown(costs: list[dict | None], get) -> str:
+        got = [None if c is None else get(c) for c in costs]
+        if any(v is None for v in got):
+            return "?"
+        low, high = min(got), max(got)
+        text = (lambda v: f"{v / 1e9:.3g}") if isinstance(get, _Gflop) else (lambda v: f"{int(v):,}")
+        return text(low) if low == high else f"{text(low)}-{text(high)}"
+
+    getters = [lambda c: c["optimizer_steps"], *[lambda c, k=k: c["samples"].get(k, 0)
+                                                for k in ("paired", "image_only", "text_only")],
+               _Gflop("flops_per_step"), _Gflop("flops")]
+    return COST_COLUMNS, {row: [shown(values[row], g) for g in getters] for row in rows if row in values}
+
+
+class _Gflop:
+    """Reads a FLOP count of a cost record (None where it was not counted)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, cost: dict) -> float | None:
+        return cost.get(self.key)
+
+
+def rare_class_notes(frame: pd.DataFrame) -> list[str]:
+    """One note per dataset whose records flag classes with few positives or negatives in the test split."""
+    counts: dict[str, dict[str, set[tuple[int, int]]]] = {}
+    for dataset, rare in zip(frame["dataset"], frame["rare_classes"]):
+        for label, n in rare.items():
+            counts.setdefault(dataset, {}).setdefault(label, set()).add((n["positives"], n["negatives"]))
+    return [f"{dataset}: few test samples of {', '.join(f'{label} ({_counts(seen)})' for label, seen in rare.items())}"
+            f" (fewer than {stats_module().RARE_CLASS_COUNT} positives or negatives): their per-class values rest on "
+            "a handful of samples, and the macro AUC's CI on the resamples that draw every class"
+            for dataset, rare in counts.items()]
+
+
+def _counts(seen: set[tuple[int, int]]) -> str:
+    """'2 positives' (or negatives, whichever is rare), or the range where records disagree."""
+    index, word = (0, "positives") if min(p for p, _ in seen) <= min(n for _, n in seen) else (1, "negatives")
+    values = sorted({s[index] for s in seen})
+    return f"{values[0]} {word}" if len(values) == 1 else f"{values[0]}-{values[-1]} {word}"
 
 
 def _order(given: list[str], name: str) -> tuple:
@@ -138,10 +215,11 @@ def _row_order(long: pd.DataFrame, methods: list[str], ref_row: tuple | None) ->
 def build_table(records: list[dict], metric: str = "auc", protocol: str | None = None, fmt: str = "markdown", *,
                 fraction: float | str | None = None, datasets: str | Sequence[str] | None = None,
                 methods: str | Sequence[str] | None = None, delta_to: str | None = None, test: str = "bootstrap",
-                ci: bool = False, prompt_set: str | None = None, reference: str | Path | None = None) -> str:
+                ci: bool = False, prompt_set: str | None = None, reference: str | Path | None = None,
+                cost: bool = False) -> str:
     """The table of `metric` over `records` as text in `fmt` (markdown, latex, csv, json)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown table format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     table = aggregate(records, metric, protocol, fraction=fraction, datasets=datasets, methods=methods,
-                      delta_to=delta_to, test=test, ci=ci, prompt_set=prompt_set, reference=reference)
+                      delta_to=delta_to, test=test, ci=ci, prompt_set=prompt_set, reference=reference, cost=cost)
     return RENDERERS[fmt](table)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -48,11 +49,13 @@ def dataset_dir(name: str) -> str:
     return owner.synthetic.folder
 
 
-def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = None, difficulty: str = "standard"
-                     ) -> Path:
-    """Generate the benchmark under `root` unless a complete one with the same parameters is there. A folder
-    an older generator made with the same size and seed is read as it is (its marker says which version made
-    it); a new version writes only under a new name (the default root names the version).
+def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = None, difficulty: str = "standard",
+                     datasets: Sequence[str] | None = None) -> Path:
+    """Generate the benchmark under `root` unless one with the same parameters is there; with `datasets`, only
+    their copies (each dataset's copy depends on (size, seed, difficulty) alone, so one generated later is the
+    same as one generated with the rest: a run generates what it reads, and the others join on first use). A
+    folder an older generator made with the same size and seed is read as it is (its marker says which version
+    made it); a new version writes only under a new name (the default root names the version).
 
     Generation happens in a temporary sibling folder that is renamed into place at the end, so a killed
     generation leaves nothing half-written behind and two processes never see a partial tree.
@@ -62,6 +65,11 @@ def ensure_synthetic(root: Path, size: str, seed: int, workers: int | None = Non
     if difficulty not in DIFFICULTIES:
         raise UserError(f"unknown synthetic difficulty {difficulty!r}; valid: {', '.join(DIFFICULTIES)}")
     adapters = synthetic_adapters()
+    if datasets is not None:
+        from bench.core.registry import DATASETS
+
+        wanted = {DATASETS.get(name).settings_owner().name for name in datasets}
+        adapters = [cls for cls in adapters if cls.name in wanted]
     params = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed, "difficulty": difficulty,
               "counts": {cls.name: cls.synthetic.counts[size] for cls in adapters}}
     workers = workers or min(4, os.cpu_count() or 1)
@@ -142,8 +150,9 @@ def _add_dataset(root: Path, adapter, size: str, seed: int, workers: int, diffic
     if not target.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{adapter.synthetic.folder}-", dir=root))
         try:
-            _write(adapter, staging / "copy", size, seed, workers, difficulty)
-            os.replace(staging / "copy", target)
+            # staged under its own folder name, which some formats write into their files (CheXpert's `Path`)
+            _write(adapter, staging / adapter.synthetic.folder, size, seed, workers, difficulty)
+            os.replace(staging / adapter.synthetic.folder, target)
         except OSError:
             if not target.exists():  # not another process that finished first
                 raise
