@@ -36,6 +36,13 @@ def test_list_and_help():
     out = bench_cli("list")
     assert out.returncode == 0
     assert "clip: none, fixed-temperature, frozen-text" in out.stdout
+    # every ablation with the keys it changes (diffed from the composed configs) and what follows from them
+    assert "    fixed-temperature: method.learn_temperature true -> false\n" in out.stdout
+    assert ("    no-attmim: method.image_masking.enabled true -> false, method.text_masking.decoder_image visible -> "
+            "full\n      follows: with no patch hidden there are no visible patches") in out.stdout
+    assert "    random-image-mask: method.image_masking.strategy attention -> random\n" in out.stdout
+    assert "    random-text-mask: method.text_masking.strategy entity -> random-matched\n" in out.stdout
+    assert "    no-entmlm: method.text_masking.enabled true -> false\n    no-prompts:" in out.stdout
     assert "chexpert" in out.stdout and "linear-probe" in out.stdout
     assert "--ablation" in bench_cli("run", "--help").stdout
 
@@ -44,7 +51,7 @@ def test_data_synth_and_throughput(data_home):
     root = data_home / TINY_FOLDER
     out = bench_cli("data", "synth", "--size", "tiny", "--out", str(root))
     assert out.returncode == 0, out.stderr
-    assert f"nih        {root / 'ChestX-ray14'}" in out.stdout and len(out.stdout.splitlines()) == 6
+    assert f"nih        {root / 'ChestX-ray14'}" in out.stdout and len(out.stdout.splitlines()) == 7
     speed = bench_cli("data", "throughput", "rsna", "--root", str(root / "rsna-pneumonia-detection-challenge"),
                       "--limit", "20", "--image-size", "64")
     assert speed.returncode == 0, speed.stderr

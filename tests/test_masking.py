@@ -7,7 +7,7 @@ import torch
 from bench.core.errors import UserError
 from bench.modeling.entities import STOP_WORDS, tag_entities, word_spans
 from bench.modeling.label_prompts import label_prompt
-from bench.modeling.masking import IGNORE, TextMasker, mask_counts, select_patches
+from bench.modeling.masking import IGNORE, TextMasker, attention_scores, mask_counts, select_patches
 from bench.modeling.towers import Tokenizer
 
 TEMPLATES = {"positive": "There is {finding}.", "uncertain": "There may be {finding}.",
@@ -58,6 +58,33 @@ def test_masks_are_per_sample_and_keep_the_minimum_visible():
         mask_counts(64, 0.5, 1.0, 0)
     with pytest.raises(UserError, match="mask_ratio"):
         mask_counts(64, 1.0, 1.0, 1)
+
+
+def test_the_softmax_axis_decides_which_patches_attention_ranks_first():
+    """Word A matches patch 0 (logit 10) and nearly as well patch 1 (9); word B matches only patch 2, weakly (2).
+    Over patches, every word spends one unit of attention, so B's lone weak match outranks A's runner-up; over
+    words, a patch ranks by its own best match, so patch 1 comes second. [CLS], [SEP] and padding, planted to
+    match patch 3, count in neither."""
+    d = 4
+    words = torch.zeros(1, 5, d)
+    words[0, 1, 0] = words[0, 2, 1] = 1.0   # A, B between [CLS] and [SEP]
+    words[0, [0, 3, 4], 2] = 1.0            # [CLS], [SEP], padding: all point at patch 3
+    patches = torch.zeros(1, 4, d)
+    patches[0, 0, 0], patches[0, 1, 0], patches[0, 2, 1], patches[0, 3, 2] = 10.0, 9.0, 2.0, 50.0
+    patches *= d ** 0.5  # the scores' scale is 1 / sqrt(d)
+    attention = torch.tensor([[1, 1, 1, 1, 0]])
+    over_patches = attention_scores(words, patches, attention, "patches")[0]
+    over_words = attention_scores(words, patches, attention, "words")[0]
+    assert over_patches.argsort(descending=True)[:3].tolist() == [0, 2, 1]
+    assert over_words.argsort(descending=True)[:3].tolist() == [0, 1, 2]
+    assert float(over_patches.sum()) == pytest.approx(1.0, abs=1e-5)  # a distribution over the patches
+    a, b = torch.tensor([10.0, 9.0, 0.0, 0.0]).softmax(0), torch.tensor([0.0, 0.0, 2.0, 0.0]).softmax(0)
+    assert torch.allclose(over_patches, (a + b) / 2, atol=1e-5)
+    expected = [float((torch.tensor(pair).softmax(0) * torch.tensor(pair)).sum())
+                for pair in ([10.0, 0.0], [9.0, 0.0], [0.0, 2.0], [0.0, 0.0])]
+    assert torch.allclose(over_words, torch.tensor(expected), atol=1e-4)
+    with pytest.raises(UserError, match="attention_softmax"):
+        attention_scores(words, patches, attention, "tokens")
 
 
 def _pieces(tokenizer, text):
@@ -130,3 +157,28 @@ def test_prompts_from_positive_negative_and_uncertain_labels():
     assert label_prompt({"Edema": 1.0}, TEMPLATES, names={"Edema": "pulmonary edema"}) == "There is pulmonary edema."
     with pytest.raises(UserError, match="Edema"):
         label_prompt({"Edema": 2.0}, TEMPLATES)
+
+
+def _hidden_words(text, offsets, hidden) -> set[str]:
+    spans = word_spans(text)
+    return {text[s:e].strip(".,;:").lower() for s, e in spans if any(s <= offsets[i, 0] < e for i in hidden)}
+
+
+@pytest.mark.parametrize("mask_negated", [True, False])
+def test_negated_entities_are_masked_only_when_the_switch_says(tokenizer, mask_negated):
+    text = "Small right pleural effusion. No pneumothorax."
+    assert [e.text for e in tag_entities(text) if e.negated] == ["pneumothorax"]
+    masker = TextMasker.from_config(tokenizer, {"strategy": "entity", "entity_mask_prob": 1.0, "random_ratio": 0.15,
+                                                "mask_negated": mask_negated})
+    offsets, special = _pieces(tokenizer, text)
+    hidden = _hidden_words(text, offsets, masker.choose(text, offsets, special, np.random.default_rng(0)))
+    assert hidden == {"small", "right", "pleural", "effusion"} | ({"pneumothorax"} if mask_negated else set())
+    # a report of negated findings only: no entity to hide, so the random fallback (one word at least)
+    only = "No pneumothorax or pleural effusion."
+    offsets, special = _pieces(tokenizer, only)
+    hidden = [_hidden_words(only, offsets, TextMasker(tokenizer, "entity", 1.0, 0.0, mask_negated).choose(
+        only, offsets, special, np.random.default_rng(seed))) for seed in range(6)]
+    if mask_negated:
+        assert all(h == {"pneumothorax", "pleural", "effusion"} for h in hidden)
+    else:
+        assert all(len(h) >= 1 for h in hidden) and len({frozenset(h) for h in hidden}) > 1  # random words

@@ -2,12 +2,19 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from bench.cli import main
-from bench.core.hashing import to_plain
 from bench.core.results import ResultsStore
 from bench.data.batch import TextBatch
-from bench.experiment.config import ablation_names, ablation_parameters, compose_config
+from bench.experiment.config import (
+    ablation_change_table,
+    ablation_changes,
+    ablation_names,
+    ablation_note,
+    ablation_parameters,
+    compose_config,
+)
 from bench.experiment.evaluating import evaluate, subject_of_run
 from bench.experiment.pretraining import build_corpus, build_method, pretrain
 
@@ -21,17 +28,9 @@ EXPECTED_LOSSES = {
     ("mmclip", "random-mask"): {"itc", "mim", "mlm"}, ("mmclip", "paired-only"): {"itc", "mim", "mlm"},
     ("mmclip", "no-entmlm"): {"itc", "mim"}, ("mmclip", "no-prompts"): {"itc", "mim", "mlm"},
     ("mmclip", "attmim-share-0.5"): {"itc", "mim", "mlm"}, ("mrm", "none"): {"mim", "mlm"},
+    ("mmclip", "random-image-mask"): {"itc", "mim", "mlm"}, ("mmclip", "random-text-mask"): {"itc", "mim", "mlm"},
+    ("mmclip", "entmlm-full-image"): {"itc", "mim", "mlm"},
 }
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _first_batch(cfg, method):
@@ -88,22 +87,33 @@ def test_the_visible_view_trains_itc_on_the_masked_image(tiny_cfg):
     assert all(p.grad is not None for n, p in method.named_parameters() if n.startswith(("image_tower", "image_proj")))
 
 
+# what each named ablation changes; every other key of the composed config stays (ablation_changes diffs them all)
+CLAIMS = {
+    "no-attmim": {"image_masking.enabled", "text_masking.decoder_image"},  # the second follows (its file says so)
+    "random-mask": {"image_masking.strategy", "text_masking.strategy"},
+    "random-image-mask": {"image_masking.strategy"}, "random-text-mask": {"text_masking.strategy"},
+    "entmlm-full-image": {"text_masking.decoder_image"},
+    "paired-only": {"unpaired", "prompts.enabled"}, "no-entmlm": {"text_masking.enabled"},
+    "no-prompts": {"prompts.enabled"}, "attmim-share-0.25": {"image_masking.attention_share"},
+}
+
+
 def test_ablations_change_exactly_the_switches_they_claim(tiny_cfg):
-    base = to_plain(tiny_cfg("mmclip"))
-    claims = {
-        "no-attmim": {"image_masking.enabled"}, "random-mask": {"image_masking.strategy", "text_masking.strategy"},
-        "paired-only": {"unpaired", "prompts.enabled"}, "no-entmlm": {"text_masking.enabled"},
-        "no-prompts": {"prompts.enabled"}, "attmim-share-0.25": {"image_masking.attention_share"},
-    }
-    for ablation, switches in claims.items():
-        cfg = to_plain(tiny_cfg("mmclip", ablation))
-        assert cfg["ablation"] == ablation
-        assert {k: v for k, v in cfg.items() if k not in ("method", "ablation")} == \
-            {k: v for k, v in base.items() if k not in ("method", "ablation")}
-        a, b = _flat(base["method"]), _flat(cfg["method"])
-        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == switches, ablation
+    assert set(ablation_names("mmclip")) - {"none"} <= set(CLAIMS)
+    table = ablation_change_table("mmclip", list(CLAIMS), ["data.synthetic.size=tiny"])
+    for ablation, switches in CLAIMS.items():
+        assert set(table[ablation]) == {f"method.{k}" for k in switches}, ablation
+        composed = tiny_cfg("mmclip", ablation)
+        assert composed.ablation == ablation
+        for key, (_, new) in table[ablation].items():
+            assert OmegaConf.select(composed, key) == new
+    # two keys where the file says what follows, one elsewhere
+    assert [a for a in CLAIMS if ablation_note("mmclip", a)] == \
+        ["no-attmim", "random-mask", "random-image-mask", "random-text-mask", "paired-only"]
+    assert ablation_changes("mmclip", "none") == {}
     assert tiny_cfg("mmclip", "attmim-share-0.25").method.image_masking.attention_share == 0.25
-    assert tiny_cfg("mmclip", "random-mask").method.image_masking.mask_ratio == base["method"]["image_masking"]["mask_ratio"]
+    assert tiny_cfg("mmclip", "random-mask").method.image_masking.mask_ratio == \
+        tiny_cfg("mmclip").method.image_masking.mask_ratio
 
 
 def test_unknown_ablations_name_the_valid_ones(tiny_cfg):
@@ -119,9 +129,12 @@ def test_mrm_is_masked_modelling_without_contrast_on_paired_data(tiny_cfg):
     cfg = tiny_cfg("mrm")
     m = cfg.method
     assert not m.contrastive and not m.unpaired and m.image_masking.strategy == "random"
-    assert m.text_masking.strategy == "random"
+    assert m.text_masking.strategy == "random" and m.text_masking.conditioning == "pooled-latent"
     method = build_method(cfg, 0)
     assert not method.joint_space and not hasattr(method, "image_proj")
+    # MRM's image decoder reads no text; its MLM sees the image as one pooled latent, through no text decoder
+    assert method.image_decoder.memory is None and not hasattr(method, "text_decoder")
+    assert hasattr(method, "image_latent")
     assert ablation_parameters("mrm") == {"mask-ratio": "image_masking.mask_ratio"}  # its masks are random
 
 
@@ -152,20 +165,22 @@ def test_attention_scores_follow_the_text(tiny_cfg):
 def test_mmclip_run_logs_its_losses_and_corpus_and_is_deterministic(tiny_cfg, tmp_path):
     finals = []
     for name in ("a", "b"):
-        cfg = tiny_cfg("mmclip", extra=("trainer.max_steps=2", f"results_dir={tmp_path / name}"))
+        cfg = tiny_cfg("mmclip", extra=("trainer.budget.steps=2", f"results_dir={tmp_path / name}"))
         _, final = pretrain(cfg, ResultsStore(cfg.results_dir), torch.device("cpu"))
         finals.append(torch.load(final, weights_only=False)["model"])
     rows = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"itc", "mim", "mlm", "masked_patches", "masked_tokens"} <= set(rows[0])
     corpus = json.loads((final.parent / "corpus.json").read_text())
-    assert corpus["paired"]["sources"] == ["mimic-cxr"] and corpus["image_only"]["sources"] == ["chexpert"]
-    assert corpus["paired"]["per_batch"] + corpus["image_only"]["per_batch"] == 16
+    # the data config's sources, and trainer.batch_size paired rows with the unpaired ones on top
+    assert corpus["paired"]["sources"] == ["mimic-cxr"]
+    assert corpus["image_only"]["sources"] == list(cfg.data.corpus.image_only)
+    assert corpus["paired"]["per_batch"] == 16 and corpus["image_only"]["per_batch"] > 0
     for k in finals[0]:
         assert torch.equal(finals[0][k], finals[1][k]), k
 
 
 def test_a_method_without_a_joint_space_skips_zero_shot(tiny_cfg):
-    cfg = tiny_cfg("mrm", extra=("trainer.max_steps=1", "eval.datasets=[rsna]",
+    cfg = tiny_cfg("mrm", extra=("trainer.budget.steps=1", "eval.datasets=[rsna]",
                                  "eval.protocols=[zero-shot,linear-probe]"))
     store = ResultsStore(cfg.results_dir)
     method, final = pretrain(cfg, store, torch.device("cpu"))

@@ -105,7 +105,7 @@ def verb_table(args: argparse.Namespace) -> None:
     text = build_table(ResultsStore(args.results_dir).records(), args.metric, args.protocol, args.format,
                        fraction=args.fraction, datasets=args.datasets, methods=args.methods,
                        delta_to=args.delta_to, test=args.test, ci=args.ci, prompt_set=args.prompt_set,
-                       reference=args.reference)
+                       reference=args.reference, cost=args.cost)
     if args.out:
         out = Path(args.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,12 +268,18 @@ def verb_suite(args: argparse.Namespace) -> None:
 def verb_list(args: argparse.Namespace) -> None:
     from bench.core.registry import DATASETS, METHODS, PROTOCOLS
     from bench.evaluation.prompt_sets import get_prompt_set, prompt_set_names
-    from bench.experiment.config import ablation_catalogue
+    from bench.experiment.config import ablation_catalogue, ablation_note
 
-    print("methods (ablations):")
-    for m, (named, parameters) in ablation_catalogue(METHODS.names()).items():
+    print("methods (ablations; what each changes, from the composed configs, and what follows from it):")
+    for m, (named, parameters, table) in ablation_catalogue(METHODS.names(), changes=True).items():
         patterns = [f"{prefix}-<X> ({key})" for prefix, key in parameters.items()]
         print(f"  {m}: {', '.join(named + patterns)}")
+        for ablation, changes in table.items():
+            print(f"    {ablation}: " + ", ".join(f"{key} {_shown(old)} -> {_shown(new)}"
+                                                 for key, (old, new) in changes.items()))
+            note = ablation_note(m, ablation)
+            if note:
+                print(f"      follows: {note}")
     print("datasets:")
     for d in DATASETS.names():
         adapter = DATASETS.get(d)
@@ -287,3 +293,10 @@ def verb_list(args: argparse.Namespace) -> None:
         negatives = any(c.negative for c in prompt_set.classes.values())
         print(f"  {prompt_set.id}: {len(prompt_set.classes)} classes, positive{' and negative' * negatives} prompts "
               f"({prompt_set.path.name})")
+
+
+def _shown(value) -> str:
+    """A config value as YAML writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)

@@ -3,8 +3,9 @@ declare (a dataset adapter's `data.<name>`, a protocol's `eval.<section>`), chec
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,8 +56,12 @@ def ablation_names(method: str) -> list[str]:
     return [NO_ABLATION, *group_options(f"ablation/{method}")]
 
 
-def ablation_catalogue(methods: Iterable[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """method -> (its named ablations, its one-switch ablations: prefix -> key), read in one Hydra session."""
+def ablation_catalogue(methods: Iterable[str], changes: bool = False
+                       ) -> dict[str, tuple[list[str], dict[str, str], dict[str, dict[str, tuple[Any, Any]]]]]:
+    """method -> (its named ablations, its one-switch ablations: prefix -> key, and with `changes` what each named
+    ablation changes), read in one Hydra session. The changes come from each ablation file merged onto the
+    method's own file (`bench list` answers at once); `ablation_changes` composes the whole configuration and
+    is what records store: the two differ only for a key outside `method`, shown here as added."""
     from hydra.core.global_hydra import GlobalHydra
 
     compose, ctx = _hydra()
@@ -66,7 +71,15 @@ def ablation_catalogue(methods: Iterable[str]) -> dict[str, tuple[list[str], dic
         for method in methods:
             cfg = compose(config_name=f"method/{method}")  # the method's own file: a fraction of the whole config
             params = {k: v for k, v in (cfg.method.get("ablation_parameters") or {}).items() if v}
-            out[method] = [NO_ABLATION, *sorted(loader.get_group_options(f"ablation/{method}"))], params
+            named = sorted(loader.get_group_options(f"ablation/{method}"))
+            table = {}
+            if changes:
+                base = _flatten(plain_config(cfg))
+                for ablation in named:
+                    new = _flatten(plain_config(OmegaConf.merge(
+                        cfg, OmegaConf.load(CONFIG_DIR / "ablation" / method / f"{ablation}.yaml"))))
+                    table[ablation] = _differences(base, new)
+            out[method] = [NO_ABLATION, *named], params, table
     return out
 
 
@@ -93,7 +106,7 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
     user = list(overrides)
     for item in user:
         if "=" not in item or not item.split("=", 1)[0].lstrip("+~"):
-            raise UserError(f"malformed override {item!r}: expected key=value (e.g. trainer.epochs=2 or model=tiny)")
+            raise UserError(f"malformed override {item!r}: expected key=value (e.g. trainer.budget.epochs=2 or model=tiny)")
     compose, ctx = _hydra()
     # the same config without the user's values (but with their choice of presets): what types are checked by
     groups = [item for item, key in zip(user, override_keys(user)) if key in CONFIG_GROUPS]
@@ -121,6 +134,66 @@ def ablation_parameters(method: str) -> dict[str, str]:
     """The method's one-switch ablations: `NAME-VALUE` sets `method.<key>` to VALUE (its config's
     `ablation_parameters`, e.g. attmim-share -> image_masking.attention_share)."""
     return ablation_catalogue([method])[method][1]
+
+
+ABSENT = "<absent>"  # the value, in `ablation_changes`, of a key that one side of the comparison does not have
+
+
+def ablation_changes(method: str, ablation: str, overrides: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """What an ablation changes: the resolved configuration of `method` composed with and without it (and with
+    `overrides` on both sides), compared key by key: {dotted key: (value without, value with)}, ABSENT for a
+    key only one side has; lists compare whole. What a record stores beside the ablation's name."""
+    return ablation_change_table(method, [ablation], overrides)[ablation]
+
+
+def ablation_change_table(method: str, ablations: Iterable[str], overrides: Iterable[str] = ()
+                          ) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """`ablation_changes` of several ablations of one method, composed in one Hydra session."""
+    from bench.core.registry import METHODS
+
+    if method not in METHODS.names():
+        raise UserError(f"unknown method {method!r}; valid methods: {', '.join(METHODS.names())}")
+    ablations, overrides = list(ablations), list(overrides)
+    if not ablations:
+        return {}
+    named = ablation_names(method)
+    items = {a: [] if a == NO_ABLATION else [f"+ablation/{method}={a}"] if a in named else
+             [_parametric_ablation(method, a, named)] for a in ablations}
+    compose, ctx = _hydra()
+    out = {}
+    with ctx:
+        def flat(extra: list[str]) -> dict[str, Any]:
+            cfg = compose(config_name="config", overrides=[f"method={method}", *extra, *overrides])
+            return _flatten(plain_config(cfg))
+
+        base = flat([])
+        for ablation, extra in items.items():
+            out[ablation] = _differences(base, flat(extra))
+    return out
+
+
+def _differences(base: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (base value, new value)} of the keys whose values differ, ABSENT where one side lacks the key."""
+    return {k: (base.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(base.keys() | new.keys())
+            if base.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def ablation_note(method: str, ablation: str) -> str | None:
+    """The `# follows: ...` line of an ablation's file: what else changes, necessarily, with what its name says
+    (None: nothing, or no file, as for NAME-VALUE ablations)."""
+    path = CONFIG_DIR / "ablation" / method / f"{ablation}.yaml"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        if line.startswith("# follows:"):
+            return line[len("# follows:"):].strip()
+    return None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 def _parametric_ablation(method: str, ablation: str, named: list[str]) -> str:

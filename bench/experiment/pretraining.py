@@ -102,8 +102,9 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
             texts=None if kind == "image_only" else [t for _, rows, _ in parts for t in rows["report"]],
             labels=pd.concat([lab for _, _, lab in parts], ignore_index=True) if kind == "image_only" else None,
             head_labels=np.concatenate([head_labels(name, lab, heads) for name, _, lab in parts]) if heads else None)
-    preprocess = ImagePreprocessor(image.image_size, image.mean, image.std, True, corpus_channels(image))
-    cache = ImageCache(cfg.data.cache_dir, int(image.image_size))
+    size = METHODS.get(cfg.method.name).corpus_image_size(cfg)
+    preprocess = ImagePreprocessor(size, image.mean, image.std, True, corpus_channels(image))
+    cache = ImageCache(cfg.data.cache_dir, size)
     corpus = PretrainCorpus(pools, preprocess, cache, seed, corpus_prompt(cfg),
                             pairing=str(cfg.method.get("pairing", "matched")))
     # trainer.batch_size is the global batch: under torchrun every rank gets the same share of every kind

@@ -1,12 +1,17 @@
 """Decoders of masked modelling: an MAE-style image decoder and an MLM text decoder, each able to attend to
-the other modality's tokens (MRM's cross-modal reconstruction). Built from torch's pre-norm transformer
-layers; a sample without the other modality attends to one learned "nothing" token instead.
+the other modality's tokens. Built from torch's pre-norm transformer layers; a sample without the other
+modality attends to one learned "nothing" token instead. MRM's own report conditioning, one pooled image
+latent added to the masked report's token embeddings, is `PooledImageLatent` with `encode_with_offset`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from bench.core.errors import UserError
+from bench.data.batch import TextBatch
 
 
 def _run(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -104,6 +109,67 @@ class TextDecoder(nn.Module):
         memory, memory_pad = self.memory(image_tokens, None, image_index)
         x = _run(self, tokens, memory, tgt_key_padding_mask=padding, memory_key_padding_mask=memory_pad)
         return self.norm(x)
+
+
+class PooledImageLatent(nn.Module):
+    """MRM's image conditioning of report MLM: the mean of an image's (visible) patch latents, projected to the
+    text width (the mean of the projections: the projection is affine)."""
+
+    def __init__(self, image_width: int, text_width: int):
+        super().__init__()
+        self.proj = nn.Linear(image_width, text_width)
+
+    def forward(self, image_tokens: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """[T, text width] for text rows whose image row is `index` (-1: no image, so zeros: the plain text)."""
+        if image_tokens is None:
+            return torch.zeros(index.shape[0], self.proj.out_features, device=index.device)
+        latent = self.proj(image_tokens.mean(1))[index.clamp_min(0)]
+        return latent * (index >= 0).unsqueeze(-1).to(latent.dtype)
+
+
+def encode_with_offset(encoder: nn.Module, text: TextBatch, offset: torch.Tensor) -> torch.Tensor:
+    """[B, L, width] token features of a Hugging Face encoder whose embedding output (after its LayerNorm and
+    dropout, where MRM adds its image latent) gets `offset` [B, width] added at every position. The hook lives
+    only for this eager call, so a compiled tower's other passes never see it."""
+    embeddings = getattr(encoder, "embeddings", None)
+    if not isinstance(embeddings, nn.Module):
+        raise UserError(f"text tower {type(encoder).__name__} has no `embeddings` module to add the image latent "
+                        f"to; use method.text_masking.conditioning=cross-attention")
+    handle = embeddings.register_forward_hook(lambda _module, _args, out: out + offset.unsqueeze(1).to(out.dtype))
+    try:
+        return encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+    finally:
+        handle.remove()
+
+
+def mlm_cross_entropy(hidden: torch.Tensor, out: nn.Linear, vocabulary: torch.Tensor, labels: torch.Tensor
+                      ) -> torch.Tensor:
+    """Cross-entropy of MLM states `hidden` [n, width] against word-piece ids `labels` [n], over the ids
+    `vocabulary` ([vocab] bool) allows: the output layer's rows of the others are never computed."""
+    if bool(vocabulary.all()):
+        return F.cross_entropy(out(hidden).float(), labels)
+    if not bool(vocabulary[labels].all()):
+        raise UserError("a masked word-piece is outside the MLM vocabulary prepared from the corpus")
+    allowed = vocabulary.nonzero().squeeze(1)
+    position = torch.cumsum(vocabulary.long(), 0) - 1  # full id -> index among the allowed
+    logits = F.linear(hidden, out.weight[allowed], out.bias[allowed])
+    return F.cross_entropy(logits.float(), position[labels])
+
+
+def tower_and_target(images: torch.Tensor | None, size: int, scale: int
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(what the towers see, what the image decoder reconstructs) of a batch. With `scale` s > 1 (MRM's
+    super-resolution target) the images come at s times the tower's `size`; the towers see them resized down,
+    as MRM's encoder sees its 448px inputs at 224, and each patch's target is its s*p x s*p pixels of the
+    large image."""
+    if images is None or scale == 1:
+        return images, images
+    if tuple(images.shape[-2:]) != (size * scale, size * scale):
+        raise UserError(f"method.image_masking.target_scale={scale} reconstructs {size * scale}px images, but the "
+                        f"corpus gave {images.shape[-1]}px ones: it must load images at the method's "
+                        f"corpus_image_size")
+    small = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return small.to(images.dtype), images
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:

@@ -1,13 +1,16 @@
 """Which image patches and which report word-pieces a masked-modelling method hides.
 
-Image (AttMIM and random): `select_patches` takes, per sample, the top-scoring patches for `attention_share`
-of the mask and uniformly random other patches for the rest; every sample keeps at least `min_visible`
-patches; `hit_rate` measures how often such masks hide findings (ground truth: `bench.data.finding_masks`).
+Image (AttMIM and random): `attention_scores` scores each patch by how strongly a text attends to it;
+`select_patches` takes, per sample, the top-scoring patches for `attention_share` of the mask and uniformly
+random other patches for the rest; every sample keeps at least `min_visible` patches; `hit_rate` measures how
+often such masks hide findings (ground truth: `bench.data.finding_masks`).
 Text (EntMLM and random): `TextMasker` hides every word-piece of chosen entity spans, or random whole words,
 and returns MLM labels for the hidden pieces.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,33 @@ from bench.modeling.entities import tag_entities, word_spans
 from bench.modeling.towers import Tokenizer
 
 IGNORE = -100  # the label of a position that is not predicted (PyTorch's cross-entropy default)
+SOFTMAX_AXES = ("patches", "words")  # what AttMIM's attention softmax normalises over (`attention_scores`)
+
+
+def attention_scores(words: torch.Tensor, patches: torch.Tensor, attention_mask: torch.Tensor, over: str
+                     ) -> torch.Tensor:
+    """[B, N] how strongly each image's patches respond to its text, from the scaled dot products of the text's
+    tokens `words` [B, L, d] and patch tokens `patches` [B, N, d]. Only word-pieces count: [CLS], [SEP] and the
+    padding of `attention_mask` [B, L] take no part (unless nothing else is left).
+
+    over="patches": each word's attention is a softmax over the patches, and a patch scores the attention it
+    receives, averaged over the words; every word spends one unit, so a weakly matched word still ranks its
+    best patch high. over="words": each patch attends over the words, A = softmax(E_img E_txt^T / sqrt(d)) E_txt
+    (the form a summary of the paper writes), and scores the match of its attended text feature with itself,
+    sum_l a_nl * logit_nl: a smooth maximum of its logits, so a patch ranks by its own best match. (The
+    words-softmax weights alone sum to one for every patch and could not rank them.)"""
+    if over not in SOFTMAX_AXES:
+        raise UserError(f"image_masking.attention_softmax must be one of {', '.join(SOFTMAX_AXES)}, got {over!r}")
+    valid = attention_mask.bool().clone()
+    valid[:, 0] = False  # [CLS]
+    valid[torch.arange(len(valid)), attention_mask.sum(1) - 1] = False  # [SEP]
+    valid = torch.where(valid.any(1, keepdim=True), valid, attention_mask.bool()).unsqueeze(-1)
+    logits = torch.einsum("bld,bnd->bln", words, patches).div(math.sqrt(words.shape[-1]))
+    if over == "patches":
+        return (logits.softmax(-1) * valid).sum(1) / valid.sum(1)
+    logits = logits.masked_fill(~valid, 0.0)
+    attention = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).softmax(1)
+    return (attention * logits).sum(1)
 
 
 @dataclass(frozen=True)
@@ -102,25 +132,35 @@ class TextMasker:
     """Replaces chosen word-pieces by [MASK] and labels them for MLM.
 
     - `entity` (EntMLM): each tagged entity span is hidden with probability `entity_mask_prob`, all of its
-      word-pieces; a report without any entity falls back to `random`.
+      word-pieces; a report without any entity falls back to `random`. With `mask_negated` False, entities
+      in a negation scope ("No [pneumothorax]", bench.modeling.entities) are not candidates: a report whose
+      entities are all negated falls back to `random` too.
     - `random-matched`: random whole words, as many word-pieces as `entity` would hide in that report (the
       random-mask ablation: same amount, no entity guidance).
     - `random` (MRM): each whole word hidden with probability `random_ratio`.
-    At least one word is hidden in every non-empty report. Draws come from a per-sample numpy generator.
+    `random` and the fallback hide at least one word of every non-empty report; `entity` may hide none (every
+    entity's draw failed: the report then has no MLM target). Draws come from a per-sample numpy generator.
     """
 
-    def __init__(self, tokenizer: Tokenizer, strategy: str, entity_mask_prob: float, random_ratio: float):
+    def __init__(self, tokenizer: Tokenizer, strategy: str, entity_mask_prob: float, random_ratio: float,
+                 mask_negated: bool = True):
         if strategy not in STRATEGIES:
             raise UserError(f"text_masking.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         for name, value in (("entity_mask_prob", entity_mask_prob), ("random_ratio", random_ratio)):
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"text_masking.{name} must be in [0, 1], got {value}")
         self.tokenizer, self.strategy = tokenizer, strategy
-        self.entity_mask_prob, self.random_ratio = entity_mask_prob, random_ratio
+        self.entity_mask_prob, self.random_ratio, self.mask_negated = entity_mask_prob, random_ratio, mask_negated
         self.mask_id = tokenizer.hf.mask_token_id
         if self.mask_id is None:
             raise UserError(f"tokenizer {tokenizer.hf.name_or_path!r} has no [MASK] token; masked language "
                             f"modelling needs one")
+
+    @classmethod
+    def from_config(cls, tokenizer: Tokenizer, settings: Mapping) -> TextMasker:
+        """The masker a method's `text_masking` settings describe."""
+        return cls(tokenizer, settings["strategy"], float(settings["entity_mask_prob"]),
+                   float(settings["random_ratio"]), bool(settings.get("mask_negated", True)))
 
     def __call__(self, texts: list[str], rngs: list[np.random.Generator], maskable: list[bool]
                  ) -> tuple[TextBatch, TextBatch, torch.Tensor]:
@@ -151,12 +191,13 @@ class TextMasker:
             return real
         if self.strategy == "random":
             return _random_words(_pieces_by_word(text, offsets, real), rng, ratio=self.random_ratio)
-        spans = np.array([(e.start, e.end) for e in tag_entities(text)], dtype=np.int64).reshape(-1, 2)
+        entities = [e for e in tag_entities(text) if self.mask_negated or not e.negated]
+        spans = np.array([(e.start, e.end) for e in entities], dtype=np.int64).reshape(-1, 2)
         hidden = spans[[rng.random() < self.entity_mask_prob for _ in range(len(spans))]]
         # the pieces that overlap a hidden entity's characters
         overlap = (offsets[real, 0, None] < hidden[None, :, 1]) & (offsets[real, 1, None] > hidden[None, :, 0])
         pieces = real[overlap.any(1)].astype(np.int64)
-        if not len(spans):  # no entity: a random mask, so the report still trains the text branch
+        if not len(spans):  # no entity to hide: a random mask, so the report still trains the text branch
             return _random_words(_pieces_by_word(text, offsets, real), rng, ratio=self.random_ratio)
         if self.strategy == "random-matched":
             return _random_words(_pieces_by_word(text, offsets, real), rng, count=len(pieces))

@@ -43,6 +43,12 @@ class Method(nn.Module):
         self.tokenizer = Tokenizer(cfg.model.text.tokenizer, cfg.model.text.max_length)
 
     @classmethod
+    def corpus_image_size(cls, cfg: DictConfig) -> int:
+        """The side of the pretraining corpus's images: the image tower's, unless the method needs more (MRM's
+        super-resolution target)."""
+        return int(cfg.model.image.image_size)
+
+    @classmethod
     def has_joint_space(cls, cfg: DictConfig) -> bool:
         """Whether the method configured by `cfg` has a joint space, known before building it (for plans)."""
         return cls.joint_space

@@ -18,7 +18,7 @@ from bench.modeling.towers import Tokenizer
 def text_view(text_masking: DictConfig, tokenizer: Tokenizer, report: str, seed: int) -> dict:
     """{"words", "masked" (per word: any of its word-pieces hidden), "entities": [[first word, last word + 1,
     type], ...], "negated"/"uncertain" (per entity)} for one report."""
-    masker = TextMasker(tokenizer, text_masking.strategy, text_masking.entity_mask_prob, text_masking.random_ratio)
+    masker = TextMasker.from_config(tokenizer, text_masking)
     enc = tokenizer.hf([report], truncation=True, max_length=tokenizer.max_length, return_offsets_mapping=True,
                        return_special_tokens_mask=True, return_tensors="np")
     offsets = enc["offset_mapping"][0]
