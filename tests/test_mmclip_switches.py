@@ -174,3 +174,17 @@ def test_one_training_step_of_each_changed_configuration(tiny_cfg, tmp_path, met
     cfg = tiny_cfg(method_name, ablation, extra=("trainer.budget.steps=1", f"results_dir={tmp_path}"))
     _, final = pretrain(cfg, ResultsStore(cfg.results_dir), torch.device("cpu"))
     assert final.exists()
+
+
+def test_a_record_stores_what_the_ablation_changed_in_this_run(tiny_cfg):
+    from bench.experiment.evaluating import Subject, ablation_record
+
+    def record(*extra):
+        cfg = tiny_cfg("mmclip", "random-mask", extra=extra)
+        return ablation_record(cfg, Subject("mmclip", "random-mask", "h", 0, None, "k"))
+
+    assert record() == {"method.image_masking.strategy": ["attention", "random"],
+                        "method.text_masking.strategy": ["entity", "random-matched"]}
+    # an override that undoes half of it leaves only the other half on the record
+    assert record("method.image_masking.strategy=attention") == {
+        "method.text_masking.strategy": ["entity", "random-matched"]}

@@ -149,8 +149,8 @@ class Adapter:
         adapter's default where the settings lack it): the one patient check every adapter's manifest goes
         through when its dataset is loaded."""
         policy = self.cfg.get("patient_overlap", self.defaults.get("patient_overlap", "refuse"))
-        return make_patient_disjoint(manifest, f"{self.name} ({self.root})", policy,
-                                     f"data.{self.settings_key()}.patient_overlap")
+        setting = f"data.{self.settings_key()}.patient_overlap" if "patient_overlap" in self.defaults else None
+        return make_patient_disjoint(manifest, f"{self.name} ({self.root})", policy, setting)
 
     def require(self, *names: str) -> Path:
         """The first of `names` that exists under the root, or a clear error naming what is missing."""
@@ -176,12 +176,13 @@ def patients_in_several_splits(manifest: pd.DataFrame) -> list[str]:
 
 
 def make_patient_disjoint(manifest: pd.DataFrame, dataset: str, policy: str = "refuse",
-                          setting: str = "patient_overlap") -> pd.DataFrame:
+                          setting: str | None = "patient_overlap") -> pd.DataFrame:
     """`manifest` if no patient has images in several of train, val and test. Otherwise `policy` "refuse"
     raises an error naming the dataset, the count and an example; "repair" moves each such patient's images
     to the split holding most of them, and on a tie to the later of train, val, test (so a tie never takes
     images out of the official test set, and the fewest images change split otherwise), and says so on stderr.
-    Rows of other splits (named evaluation sets) stay as they are."""
+    Rows of other splits (named evaluation sets) stay as they are. `setting` is the key that chooses the policy,
+    named in the refusal (None for an adapter without one: it splits by patient itself)."""
     if policy not in PATIENT_OVERLAP:
         raise UserError(f"{setting} must be one of {', '.join(PATIENT_OVERLAP)}, got {policy!r}")
     counts = patient_split_counts(manifest)
@@ -190,9 +191,11 @@ def make_patient_disjoint(manifest: pd.DataFrame, dataset: str, policy: str = "r
     example = counts.index[0]
     found = ", ".join(f"{n} in {split}" for split, n in counts.loc[example].items() if n)
     if policy == "refuse":
+        # an adapter without the setting splits by patient itself: an overlap there is no file's to repair
+        remedy = (f"fix the split files, or set {setting}=repair to move each such patient's images to the split "
+                  f"holding most of them") if setting else "its splits are drawn by patient, so this is a bug"
         raise UserError(f"{dataset}: {len(counts)} patient(s) have images in more than one split (e.g. patient "
-                        f"{example}: {found} image(s)); splits must be patient-disjoint: fix the split files, or set "
-                        f"{setting}=repair to move each such patient's images to the split holding most of them")
+                        f"{example}: {found} image(s)); splits must be patient-disjoint: {remedy}")
     target = counts[counts.columns[::-1]].idxmax(axis=1)  # idxmax takes the first maximum: the later split
     patients = manifest["patient_id"].astype(str)
     moved = manifest["split"].isin(PATIENT_SPLITS) & patients.isin(target.index)

@@ -72,14 +72,18 @@ def ablation_catalogue(methods: Iterable[str], changes: bool = False
             cfg = compose(config_name=f"method/{method}")  # the method's own file: a fraction of the whole config
             params = {k: v for k, v in (cfg.method.get("ablation_parameters") or {}).items() if v}
             named = sorted(loader.get_group_options(f"ablation/{method}"))
-            table = {}
+            table: dict[str, dict[str, tuple[Any, Any]]] = {}
             if changes:
                 base = _flatten(plain_config(cfg))
                 for ablation in named:
-                    new = _flatten(plain_config(OmegaConf.merge(
-                        cfg, OmegaConf.load(CONFIG_DIR / "ablation" / method / f"{ablation}.yaml"))))
-                    table[ablation] = _differences(base, new)
+                    path = CONFIG_DIR / "ablation" / method / f"{ablation}.yaml"
+                    # a plug-in's ablation lives on its own search path: composed whole, below
+                    table[ablation] = _differences(base, _flatten(plain_config(OmegaConf.merge(
+                        cfg, OmegaConf.load(path))))) if path.is_file() else None
             out[method] = [NO_ABLATION, *named], params, table
+    for method, (_, _, table) in out.items():
+        elsewhere = [a for a, found in table.items() if found is None]
+        table.update(ablation_change_table(method, elsewhere) if elsewhere else {})
     return out
 
 
@@ -170,6 +174,11 @@ def ablation_change_table(method: str, ablations: Iterable[str], overrides: Iter
         for ablation, extra in items.items():
             out[ablation] = _differences(base, flat(extra))
     return out
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, Any]:
+    """{dotted key: value} of a resolved configuration, lists whole (as `ablation_changes` compares them)."""
+    return _flatten(plain_config(cfg))
 
 
 def _differences(base: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

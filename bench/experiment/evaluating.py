@@ -22,7 +22,7 @@ from bench.core.results import RANDOM_INIT, RecordKey, ResultsStore
 from bench.data.loading import LoadedDataset, load_dataset
 from bench.evaluation.features import FeatureCache
 from bench.evaluation.protocol import EvalContext, run_protocol
-from bench.experiment.config import ablation_changes
+from bench.experiment.config import ABSENT, ablation_changes, flatten_config
 from bench.experiment.contamination import pretraining_overlap
 from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
 from bench.train import distributed
@@ -77,7 +77,9 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
                             int(cfg.eval.batch_size), device, workers)
     written, timing = [], {"encode_s": 0.0, "fit_s": 0.0, "fine_tune_s": 0.0, "bootstrap_s": 0.0, "total_s": 0.0}
     loaded: dict[str, LoadedDataset] = {}
+    # the corpus sources rank 0 alone reads for `contamination`: apart from `loaded`, which every rank fills alike
     overlaps: dict[str, list[dict] | None] = {}
+    sources: dict[str, LoadedDataset] = {}
     changes = ablation_record(cfg, subject)
     if changes is not None:
         provenance = {**(provenance or {}), "ablation_changes": changes}
@@ -89,7 +91,7 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
             if distributed.agree(store.exists(key, report=False)) and not force:
                 continue
             path, spent = _evaluate_one(cfg, method, subject, key, store, loaded, features, device, workers,
-                                        provenance, overlaps)
+                                        provenance, overlaps, sources)
         if path is not None:
             written.append(path)
         for k, v in spent.items():
@@ -99,15 +101,15 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
 
 def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, key: RecordKey, store: ResultsStore,
                   loaded: dict[str, LoadedDataset], features: FeatureCache, device: torch.device, workers: int,
-                  provenance: dict | None, overlaps: dict[str, list[dict] | None]
-                  ) -> tuple[Path | None, dict[str, float]]:
+                  provenance: dict | None, overlaps: dict[str, list[dict] | None],
+                  sources: dict[str, LoadedDataset]) -> tuple[Path | None, dict[str, float]]:
     """One record: (its path, None on ranks other than 0; where the time went)."""
     if key.dataset not in loaded:
         with distributed.main_first():
             loaded[key.dataset] = load_dataset(cfg, key.dataset)
     data = loaded[key.dataset]
     if key.dataset not in overlaps:  # rank 0 writes the records, and alone reads the corpus to fill them
-        overlaps[key.dataset] = contamination(cfg, subject, data, loaded) if distributed.is_main() else None
+        overlaps[key.dataset] = contamination(cfg, subject, data, sources) if distributed.is_main() else None
     data.splits.used.clear()
     data.skipped.clear()
     started, encoded = time.perf_counter(), features.seconds
@@ -149,7 +151,9 @@ def ablation_record(cfg: DictConfig, subject: Subject) -> dict[str, list] | None
         changes = ablation_changes(cfg.method.name, cfg.ablation)
     except UserError:
         return None
-    return {k: [a, b] for k, (a, b) in changes.items()}
+    # an override of the run may undo what the ablation set: only what this run's config holds is recorded
+    held = flatten_config(cfg)
+    return {k: [a, b] for k, (a, b) in changes.items() if held.get(k, ABSENT) == b}
 
 
 def contamination(cfg: DictConfig, subject: Subject, data: LoadedDataset, loaded: dict[str, LoadedDataset]

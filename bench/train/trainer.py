@@ -150,8 +150,11 @@ class Trainer:
             raise UserError(f"trainer.accumulate={cfg.accumulate}: an epoch of {len(sampler.batches())} batches is "
                             f"shorter than one optimiser step; lower trainer.accumulate or trainer.batch_size")
         total = training_steps(cfg.budget, steps_per_epoch)
-        # counted eager, before the speed switches (compilation, recomputation) go on
-        flops = self.step_flops(method, dataset, sampler, collate) if self.flops else (None, None)
+        # counted eager, before the speed switches (compilation, recomputation) go on; not under DDP, where the
+        # forward's collectives (the loss's gather) would have to meet on every rank even if one ran out of memory
+        # counting: `bench profile` counts a step of any configuration on one process
+        count = self.flops and distributed.world_size() == 1
+        flops = self.step_flops(method, dataset, sampler, collate) if count else (None, None)
         model, optimizer = self.setup(method)
         try:
             return self._fit(method, model, optimizer, dataset, collate, sampler, seed, validation, total,
@@ -221,14 +224,12 @@ class Trainer:
 
     def step_flops(self, method: Method, dataset: PretrainCorpus, sampler: MixedBatchSampler, collate
                    ) -> tuple[int, str]:
-        """Model FLOPs of one optimiser step over all processes, counted on each rank's share of the first batch
-        (`accumulate` micro-batches taken alike), and how they were counted. Training is left exactly as it
-        was: the random streams and the method's buffers are restored and the gradients cleared."""
+        """Model FLOPs of one optimiser step (one process), counted on the first batch (`accumulate` micro-batches
+        taken alike), and how they were counted. Training is left exactly as it was: the random streams and the
+        method's buffers are restored and the gradients cleared."""
         sampler.set_epoch(0)
         dataset.set_epoch(0)
-        world = distributed.world_size()
-        share = next(iter(sampler if world == 1 else distributed.RankSlice(sampler, distributed.rank(), world)))
-        batch = collate([dataset[i] for i in share])
+        batch = collate([dataset[i] for i in next(iter(sampler))])
         rng, buffers = _rng_state(), {k: v.detach().clone() for k, v in method.named_buffers()}
         method.to(self.device)
         try:
@@ -238,8 +239,7 @@ class Trainer:
             with torch.no_grad():
                 for name, value in method.named_buffers():
                     value.copy_(buffers[name])
-        total = distributed.mean_over_ranks({"flops": float(flops)})["flops"] * world * self.cfg.accumulate
-        return round(total), how
+        return flops * self.cfg.accumulate, how
 
     def measure(self, method: Method, monitor: Monitor) -> dict[str, float | None]:
         """`monitor(method)` in eval mode, without gradient, under training's autocast; every module's mode and

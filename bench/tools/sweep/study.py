@@ -216,8 +216,10 @@ def make_objective(spec: SweepSpec, store, device):
                 cfg = spec.config(seed, values, extra=[f"eval.datasets=[{','.join(spec.objective.datasets)}]"])
                 run_dir = store.run_dir(cfg.method.name, cfg.ablation, pretrain_hash(cfg), seed)
                 score = validation_score(cfg, spec.objective, device, run_dir)
-                hook = TrialValidation(trial, lambda m: score(m, during_training=True),
-                                       i * int(cfg.trainer.budget.epochs))
+                # seed i reports after seed i-1's last epoch: a step budget runs at most `steps` epochs
+                budget = cfg.trainer.budget
+                epochs = int(budget.steps) if budget.get("steps") else int(budget.epochs)
+                hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * epochs)
                 method, final = pretrain(cfg, store, device, hook)
                 per_seed[str(seed)] = score(method)
                 trial.set_user_attr("runs", {**trial.user_attrs.get("runs", {}), str(seed): str(final.parent)})
