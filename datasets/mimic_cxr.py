@@ -5,8 +5,8 @@ Reads `mimic-cxr-2.0.0-{metadata,split,chexpert}.csv` (plain or .gz), images at
 `reports_root`, default the same root). Reports are split into sections with the official MIMIC-CXR
 header rule; the text is the configured sections joined (default impression then findings, as MGCA).
 The official split is used, with `validate` renamed `val`; a subject it puts in several splits is refused
-when the dataset is loaded (`patient_overlap: refuse`; `repair` moves their images, bench/data/adapter.py). Labels come from the CheXpert labeler's CSV
-(`labeler: chexpert`, default) or NegBio's (`negbio`), per study, with `uncertain_policy` as for CheXpert
+when the dataset is loaded (`patient_overlap: refuse`; `repair` moves their images, bench/data/adapter.py).
+Labels come from the CheXpert labeler's CSV (`labeler: chexpert`, default) or NegBio's (`negbio`), per study, with `uncertain_policy` as for CheXpert
 (default `zeros`). A study whose report file is missing or has no findings/impression/last paragraph
 is skipped with a count naming the first such file (`empty_reports: skip`) or stops the run (`error`).
 """

@@ -332,9 +332,9 @@ class MMCLIP(Method):
     def mask_probe(self, images: torch.Tensor, texts: list[str], generator: torch.Generator | None = None
                    ) -> torch.Tensor:
         """[B, N] bool: the patches image masking hides in each image (at the tower's or the corpus's size)
-        paired with its text, chosen by the training step's own path (`_patch_mask`: AttMIM scores, then `select_patches`;
-        random masks for the random strategy), with random draws from `generator` so that measuring never
-        moves training's RNG. The caller sets the mode (eval, for a measurement); AttMIM's hit rate is scored
+        paired with its text, chosen by the training step's own path (`_patch_mask`: AttMIM scores, then
+        `select_patches`; random masks for the random strategy), with random draws from `generator` so that
+        measuring never moves training's RNG. The caller sets the mode (eval, for a measurement); AttMIM's hit rate is scored
         on these (`bench.modeling.masking.hit_rate`)."""
         if not self.mim:
             raise UserError(f"method {self.cfg.method.name} has image masking off (method.image_masking.enabled="

@@ -270,7 +270,7 @@ def verb_list(args: argparse.Namespace) -> None:
     from bench.evaluation.prompt_sets import get_prompt_set, prompt_set_names
     from bench.experiment.config import ablation_catalogue, ablation_note
 
-    print("methods (ablations; what each changes, from the composed configs, and what follows from it):")
+    print("methods (ablations; the keys each changes in the method's config, and what follows from it):")
     for m, (named, parameters, table) in ablation_catalogue(METHODS.names(), changes=True).items():
         patterns = [f"{prefix}-<X> ({key})" for prefix, key in parameters.items()]
         print(f"  {m}: {', '.join(named + patterns)}")

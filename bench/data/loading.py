@@ -1,8 +1,7 @@
 """Loading a dataset: the one way every part of the harness gets one (evaluation, the pretraining corpus,
 sweeps, `bench mask`). A dataset is its adapter's manifest read from its root (or from its copy in the
 synthetic benchmark, generated on first use), checked (or, by `data.<name>.patient_overlap`, repaired) to keep
-every patient in one split, with its frozen
-split files, the image cache and the model preset's preprocessing."""
+every patient in one split, with its frozen split files, the image cache and the model preset's preprocessing."""
 from __future__ import annotations
 
 import os

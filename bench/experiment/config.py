@@ -74,12 +74,12 @@ def ablation_catalogue(methods: Iterable[str], changes: bool = False
             named = sorted(loader.get_group_options(f"ablation/{method}"))
             table: dict[str, dict[str, tuple[Any, Any]]] = {}
             if changes:
-                base = _flatten(plain_config(cfg))
+                base = flatten_config(cfg)
                 for ablation in named:
                     path = CONFIG_DIR / "ablation" / method / f"{ablation}.yaml"
                     # a plug-in's ablation lives on its own search path: composed whole, below
-                    table[ablation] = _differences(base, _flatten(plain_config(OmegaConf.merge(
-                        cfg, OmegaConf.load(path))))) if path.is_file() else None
+                    table[ablation] = _differences(base, flatten_config(OmegaConf.merge(
+                        cfg, OmegaConf.load(path)))) if path.is_file() else None
             out[method] = [NO_ABLATION, *named], params, table
     for method, (_, _, table) in out.items():
         elsewhere = [a for a, found in table.items() if found is None]
@@ -110,7 +110,8 @@ def compose_config(method: str, ablation: str = NO_ABLATION, seed: int | None = 
     user = list(overrides)
     for item in user:
         if "=" not in item or not item.split("=", 1)[0].lstrip("+~"):
-            raise UserError(f"malformed override {item!r}: expected key=value (e.g. trainer.budget.epochs=2 or model=tiny)")
+            raise UserError(f"malformed override {item!r}: expected key=value "
+                            f"(e.g. trainer.budget.epochs=2 or model=tiny)")
     compose, ctx = _hydra()
     # the same config without the user's values (but with their choice of presets): what types are checked by
     groups = [item for item, key in zip(user, override_keys(user)) if key in CONFIG_GROUPS]
@@ -167,8 +168,7 @@ def ablation_change_table(method: str, ablations: Iterable[str], overrides: Iter
     out = {}
     with ctx:
         def flat(extra: list[str]) -> dict[str, Any]:
-            cfg = compose(config_name="config", overrides=[f"method={method}", *extra, *overrides])
-            return _flatten(plain_config(cfg))
+            return flatten_config(compose(config_name="config", overrides=[f"method={method}", *extra, *overrides]))
 
         base = flat([])
         for ablation, extra in items.items():

@@ -1,6 +1,7 @@
 """What a training run cost, whatever the method: optimiser steps, samples of each kind seen, and model FLOPs
-per step, counted once on the run's first batch (in one process; under DDP they are not counted, None). The trainer writes it to `cost.json` beside the weights and
-every evaluation record of the model carries it, so a table can put cost next to the numbers it bought."""
+per step, counted once on the run's first batch (in one process; under DDP they are not counted, None). The
+trainer writes it to `cost.json` beside the weights and every evaluation record of the model carries it, so a
+table can put cost next to the numbers it bought."""
 from __future__ import annotations
 
 import gc
