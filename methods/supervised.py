@@ -26,7 +26,7 @@ from torch import nn
 from bench.core.checks import Check, list_of, one_of, text
 from bench.core.registry import register_method
 from bench.data.batch import Batch
-from bench.data.corpus import KINDS
+from bench.data.corpus import KINDS, CorpusItem
 from bench.modeling.losses import rank_weight
 from bench.modeling.method import Method, StepOutput
 from bench.modeling.towers import VisionTower
@@ -53,14 +53,14 @@ class LabelCollate:
     def __init__(self, heads: int, uncertain: str):
         self.heads, self.uncertain = heads, uncertain
 
-    def __call__(self, items: list) -> Batch:
-        items = sorted((it for it in items if it[0] is not None), key=lambda it: KINDS.index(it[3]))
+    def __call__(self, items: list[CorpusItem]) -> Batch:
+        items = sorted((it for it in items if it.image is not None), key=lambda it: KINDS.index(it.kind))
         unlabelled = np.full(self.heads, np.nan, dtype=np.float32)
-        values = np.stack([it[5] if len(it) > 5 and it[5] is not None else unlabelled for it in items]) \
+        values = np.stack([it.heads if it.heads is not None else unlabelled for it in items]) \
             if items else np.zeros((0, self.heads), dtype=np.float32)
         targets, valid = label_targets(values, self.uncertain)
-        images = torch.stack([it[0] for it in items]) if items else None
-        return Batch(images, None, [it[2] for it in items], labels=torch.from_numpy(targets),
+        images = torch.stack([it.image for it in items]) if items else None
+        return Batch(images, None, [it.sample_id for it in items], labels=torch.from_numpy(targets),
                      label_mask=torch.from_numpy(valid))
 
 

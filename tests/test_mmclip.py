@@ -30,6 +30,7 @@ EXPECTED_LOSSES = {
     ("mmclip", "attmim-share-0.5"): {"itc", "mim", "mlm"}, ("mrm", "none"): {"mim", "mlm"},
     ("mmclip", "random-image-mask"): {"itc", "mim", "mlm"}, ("mmclip", "random-text-mask"): {"itc", "mim", "mlm"},
     ("mmclip", "entmlm-full-image"): {"itc", "mim", "mlm"},
+    ("mmclip", "paired-prompts"): {"itc", "itc_prompt", "mim", "mlm"},
 }
 
 
@@ -53,7 +54,7 @@ def test_one_step_trains_exactly_the_claimed_losses_and_every_parameter(tiny_cfg
     method.train()
     out = method.training_step(batch)
     assert torch.isfinite(out.loss)
-    losses = {k for k in out.parts if k in ("itc", "mim", "mlm")}
+    losses = {k for k in out.parts if k in ("itc", "itc_prompt", "mim", "mlm")}
     assert losses == EXPECTED_LOSSES[(method_name, ablation)]
     assert all(float(out.parts[k]) > 0 for k in losses)
     out.loss.backward()
@@ -94,7 +95,8 @@ CLAIMS = {
     "random-image-mask": {"image_masking.strategy"}, "random-text-mask": {"text_masking.strategy"},
     "entmlm-full-image": {"text_masking.decoder_image"},
     "paired-only": {"unpaired", "prompts.enabled"}, "no-entmlm": {"text_masking.enabled"},
-    "no-prompts": {"prompts.enabled"}, "attmim-share-0.25": {"image_masking.attention_share"},
+    "no-prompts": {"prompts.enabled"}, "paired-prompts": {"prompts.paired"},
+    "attmim-share-0.25": {"image_masking.attention_share"},
 }
 
 

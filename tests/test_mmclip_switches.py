@@ -1,6 +1,5 @@
 """The switches that make each mmclip ablation one change, and mrm MRM: what each decoder reads, the
 super-resolution target, the prompts of paired rows."""
-from dataclasses import fields
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ import torch.nn.functional as F
 
 from bench.core.errors import UserError
 from bench.core.results import ResultsStore
-from bench.data.batch import Batch, TextBatch
 from bench.experiment.pretraining import build_corpus, build_method, pretrain
 from bench.methods.mrm import MRM
 from bench.modeling.masking import IGNORE
@@ -79,9 +77,6 @@ def test_switches_that_cannot_hold_together_are_refused(tiny_cfg):
     assert tiny_cfg("mmclip", "no-attmim").method.text_masking.decoder_image == "full"
     with pytest.raises(UserError, match="prompts.enabled=true"):
         tiny_cfg("mmclip", extra=("method.prompts.paired=true", "method.prompts.enabled=false"))
-    if "image_prompt" not in {f.name for f in fields(Batch)}:
-        with pytest.raises(UserError, match="does not yet give paired rows their prompt"):
-            tiny_cfg("mmclip", extra=("method.prompts.paired=true",))
     for bad in ("method.image_masking.attention_softmax=rows", "method.text_masking.conditioning=concat",
                 "method.image_masking.target_scale=0", "method.text_masking.mask_negated=maybe"):
         with pytest.raises(UserError, match=bad.split("=")[0]):
@@ -89,28 +84,35 @@ def test_switches_that_cannot_hold_together_are_refused(tiny_cfg):
 
 
 def test_paired_prompts_are_a_second_caption_of_their_images(tiny_cfg):
-    """The method side of prompts.paired, on a batch laid out as the corpus is to lay it out: prompt rows after
-    the reports, `image_prompt` pointing at them, equal prompts one group."""
-    cfg = tiny_cfg("mmclip", extra=("method.unpaired=false",))
-    cfg.method.prompts.paired = True  # composing refuses it until the corpus adds the rows
+    """prompts.paired from the corpus to the loss: every paired image gets one extra, unmasked text row, the
+    prompt of its own labels, and the step contrasts the two."""
+    cfg = tiny_cfg("mmclip", extra=("method.prompts.paired=true",))
     method = build_method(cfg, 0)
-    batch = _first_batch(cfg, method)
-    n = len(batch.text)
-    prompts = method.tokenizer(["There is cardiomegaly."] * (n // 2) + ["No acute cardiopulmonary abnormality."]
-                               * (n - n // 2))
-    for name in ("text", "masked_text"):
-        t = getattr(batch, name)
-        setattr(batch, name, TextBatch(torch.cat([t.input_ids, prompts.input_ids]),
-                                       torch.cat([t.attention_mask, prompts.attention_mask])))
-    batch.mlm_labels = torch.cat([batch.mlm_labels, torch.full_like(prompts.input_ids, IGNORE)])
-    batch.mlm_rows = torch.arange(n)
-    batch.text_groups = torch.cat([batch.text_groups, torch.tensor([7] * (n // 2) + [8] * (n - n // 2))])
-    batch.image_prompt = torch.arange(n, 2 * n)
+    corpus, sampler, _ = build_corpus(cfg, 0)
+    items = [corpus[i] for i in sampler.batches()[0]]
+    paired = [it for it in items if it.kind == "paired"]
+    assert paired and all(it.prompt for it in paired)
+    assert not any(it.prompt for it in items if it.kind != "paired")
+    labels = corpus.pools["paired"].labels
+    assert paired[0].prompt == corpus.prompt(labels.iloc[corpus.locate(sampler.batches()[0][0])[1]].to_dict())
+    batch = method.make_collate()(items)
+    reports = len(batch.text) - len(paired)
+    n_images = batch.images.shape[0]
+    assert batch.image_prompt.tolist() == [reports + k for k in range(len(paired))] + \
+        [-1] * (n_images - len(paired))
+    assert batch.mlm_rows.max() < reports  # prompts are never masked
+    assert (batch.mlm_labels[reports:] == IGNORE).all()
+    assert torch.equal(batch.masked_text.input_ids[reports:], batch.text.input_ids[reports:])
+    assert (batch.text_groups[reports:] >= 0).all()  # equal prompts are one caption
+    assert batch.text_image()[reports:].tolist() == list(range(len(paired)))
     out = method.training_step(batch)
     assert {"itc", "itc_prompt", "mim", "mlm"} <= set(out.parts) and float(out.parts["itc_prompt"]) > 0
     assert torch.isclose(out.loss, sum(out.parts[k] for k in ("itc", "itc_prompt", "mim", "mlm")))
     out.loss.backward()
     assert method.text_proj.weight.grad is not None
+    default = tiny_cfg("mmclip")
+    batch = build_method(default, 0).make_collate()([build_corpus(default, 0)[0][i] for i in sampler.batches()[0]])
+    assert batch.image_prompt is None and len(batch.text) == reports
 
 
 def test_mrm_reconstructs_from_the_image_alone_and_conditions_mlm_on_the_pooled_latent(tiny_cfg):
@@ -169,7 +171,8 @@ def test_the_super_resolution_target_is_the_large_image(tiny_cfg):
 
 @pytest.mark.parametrize("method_name,ablation", [("mmclip", "random-image-mask"), ("mmclip", "random-text-mask"),
                                                   ("mmclip", "entmlm-full-image"), ("mmclip", "no-entmlm"),
-                                                  ("mmclip", "no-attmim"), ("mrm", "none")])
+                                                  ("mmclip", "no-attmim"), ("mmclip", "paired-prompts"),
+                                                  ("mrm", "none")])
 def test_one_training_step_of_each_changed_configuration(tiny_cfg, tmp_path, method_name, ablation):
     cfg = tiny_cfg(method_name, ablation, extra=("trainer.budget.steps=1", f"results_dir={tmp_path}"))
     _, final = pretrain(cfg, ResultsStore(cfg.results_dir), torch.device("cpu"))

@@ -24,7 +24,8 @@ class TextBatch:
 class Batch:
     """One training batch (see bench/data/corpus.py). Rows with an image are in `images`, rows with text in `text`;
     `image_text[i]` is the text row of image i, -1 when it has none (None: images and texts are aligned
-    pairs). `text_groups` marks texts that are the same caption (equal ids are positives for each other).
+    pairs). `text_groups` marks texts that are the same caption (equal ids are positives for each other);
+    `image_prompt[i]`, with paired prompts, is the text row of image i's prompt (-1 none; None: no prompts).
     Masked modelling adds `masked_text`, the same rows with hidden pieces replaced by [MASK], and
     `mlm_labels`, the hidden pieces' ids (-100 elsewhere); `mlm_rows` are the text rows MLM may mask (the
     reports, not the prompts; None: every row), the only ones a method needs to encode masked. Fine-tuning batches carry `labels`, the task's
@@ -41,6 +42,7 @@ class Batch:
     labels: torch.Tensor | None = None
     mlm_rows: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
+    image_prompt: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def move(x):
@@ -48,7 +50,7 @@ class Batch:
 
         return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
                      move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels),
-                     move(self.mlm_rows), move(self.label_mask))
+                     move(self.mlm_rows), move(self.label_mask), move(self.image_prompt))
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image rows, their text rows) of the samples that have both."""
@@ -59,11 +61,14 @@ class Batch:
         return has.nonzero().squeeze(1), self.image_text[has]
 
     def text_image(self) -> torch.Tensor:
-        """For each text row, its image row (-1: a text-only sample)."""
+        """For each text row, its image row (-1: a text-only sample); a paired image's prompt row is its image's."""
         n = len(self.text)
         out = torch.full((n,), -1, dtype=torch.long, device=self.text.input_ids.device)
         images, texts = self.pairs()
         out[texts] = images
+        if self.image_prompt is not None:
+            has = self.image_prompt >= 0
+            out[self.image_prompt[has]] = has.nonzero().squeeze(1)
         return out
 
     def __len__(self) -> int:

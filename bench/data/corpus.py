@@ -3,7 +3,9 @@ with no report, which get a disease-kind prompt from their labels) and text-only
 image), mixed in every batch at a configured ratio.
 
 A batch's rows are ordered paired, image-only, text-only. `Batch.images` holds the rows that have an
-image, `Batch.text` the rows that have text, and `Batch.image_text` links each image to its text row.
+image, `Batch.text` the rows that have text, and `Batch.image_text` links each image to its text row. With
+paired prompts (MMCLIP's `prompts.paired`) every paired image also gets the prompt of its own labels: extra text
+rows after all the others, linked by `Batch.image_prompt`.
 
 Pairing `shuffled` (the negative control of image-text methods) gives each paired image the report of another
 sample instead of its own: a derangement drawn afresh every epoch from (seed, epoch) alone, so a resumed run and
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -48,7 +50,7 @@ class Pool:
     ids: list[str]
     paths: list[str] | None = None
     texts: list[str] | None = None
-    labels: pd.DataFrame | None = None  # image-only: label values (1, 0, -1, NaN) per sample
+    labels: pd.DataFrame | None = None  # image-only (and paired, for paired prompts): values (1, 0, -1, NaN)
     # [samples, heads] float32: 1 positive, 0 negative or not mentioned, -1 uncertain, NaN: not labelled by the source
     head_labels: np.ndarray | None = None
 
@@ -109,17 +111,33 @@ def derangement(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return partner
 
 
+class CorpusItem(NamedTuple):
+    """One sample of the corpus as the collate functions receive it."""
+
+    image: torch.Tensor | None
+    text: str | None  # the report, or an image-only sample's prompt
+    sample_id: str
+    kind: str
+    seed: int  # the per-item seed of its text mask
+    heads: np.ndarray | None = None  # label-head values, for a method trained on labels
+    prompt: str | None = None  # a paired sample's prompt from its labels, with paired prompts
+
+
 class PretrainCorpus(Dataset):
-    """Pools concatenated in KINDS order. Item i of epoch e: (image tensor or None, text or None, sample id,
-    kind, per-item seed, label-head values or None); augmentation and text masks depend only on (seed, e, i),
-    and the shuffled pairing on (seed, e), so a resumed run sees the same samples."""
+    """Pools concatenated in KINDS order; item i of epoch e is a CorpusItem. Augmentation and text masks depend
+    only on (seed, e, i), and the shuffled pairing on (seed, e), so a resumed run sees the same samples.
+    `prompt` writes image-only samples' text from their labels, and with `paired_prompts` also a paired
+    sample's second caption (its pool needs labels)."""
 
     def __init__(self, pools: dict[str, Pool], preprocess: ImagePreprocessor, cache: ImageCache, seed: int,
-                 prompt: Callable[[dict], str] | None = None, pairing: str = "matched"):
+                 prompt: Callable[[dict], str] | None = None, pairing: str = "matched", paired_prompts: bool = False):
         if cache.size != preprocess.size:
             raise ValueError(f"image cache holds {cache.size}px squares, the model wants {preprocess.size}px")
         if pairing not in PAIRINGS:
             raise UserError(f"method.pairing={pairing!r}: expected one of {', '.join(PAIRINGS)}")
+        if paired_prompts and (prompt is None or ("paired" in pools and pools["paired"].labels is None)):
+            raise ValueError("paired prompts need a prompt writer and the paired pool's labels")
+        self.paired_prompts = paired_prompts
         self.pools = {k: pools[k] for k in KINDS if k in pools and len(pools[k])}
         self.sizes = {k: len(p) for k, p in self.pools.items()}
         starts = np.cumsum([0, *self.sizes.values()])
@@ -147,7 +165,7 @@ class PretrainCorpus(Dataset):
                 return kind, i - self.offsets[kind]
         raise IndexError(i)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None, str, str, int, np.ndarray | None]:
+    def __getitem__(self, i: int) -> CorpusItem:
         kind, j = self.locate(i)
         pool = self.pools[kind]
         item_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
@@ -161,7 +179,9 @@ class PretrainCorpus(Dataset):
         if kind == "image_only" and self.prompt is not None:
             text = self.prompt(pool.labels.iloc[j].to_dict())
         heads = pool.head_labels[j] if pool.head_labels is not None else None
-        return image, text, pool.ids[j], kind, item_seed, heads
+        # the prompt of the image's own labels, also under shuffled pairing
+        prompt = self.prompt(pool.labels.iloc[j].to_dict()) if kind == "paired" and self.paired_prompts else None
+        return CorpusItem(image, text, pool.ids[j], kind, item_seed, heads, prompt)
 
 
 def _text_id(text: str) -> int:
@@ -169,32 +189,41 @@ def _text_id(text: str) -> int:
 
 
 class CorpusCollate:
-    """Items -> Batch: rows ordered by kind, text tokenised, and with a masker the reports (not the
-    prompts) masked for MLM."""
+    """CorpusItems -> Batch: rows ordered by kind, text tokenised, paired samples' prompts (where the items
+    carry them) as extra text rows after the others, and with a masker the reports (not the prompts) masked
+    for MLM."""
 
     def __init__(self, tokenizer: Tokenize, masker: MaskTexts | None = None):
         self.tokenizer, self.masker = tokenizer, masker
 
-    def __call__(self, items: list) -> Batch:
-        items = sorted(items, key=lambda it: KINDS.index(it[3]))
-        with_image = [it for it in items if it[0] is not None]
-        with_text = [it for it in items if it[1] is not None]
-        text_row = {id(it): r for r, it in enumerate(with_text)}
-        images = torch.stack([it[0] for it in with_image]) if with_image else None
+    def __call__(self, items: list[CorpusItem]) -> Batch:
+        items = sorted(items, key=lambda it: KINDS.index(it.kind))
+        with_image = [it for it in items if it.image is not None]
+        # (text, its item, whether it is a prompt): reports and image-only prompts, then paired prompts
+        rows = [(it.text, it, it.kind == "image_only") for it in items if it.text is not None]
+        text_row = {id(it): r for r, (_, it, _) in enumerate(rows)}
+        prompt_row = {}
+        for it in with_image:
+            if it.kind == "paired" and it.prompt is not None:
+                prompt_row[id(it)] = len(rows)
+                rows.append((it.prompt, it, True))
+        images = torch.stack([it.image for it in with_image]) if with_image else None
         image_text = torch.tensor([text_row.get(id(it), -1) for it in with_image], dtype=torch.long)
         # a prompt is written from labels, so several images may share one: ITC treats equal prompts as the
         # same caption (a positive group named by the prompt's hash); every report is its own group (-1)
-        groups = [_text_id(it[1]) if it[3] == "image_only" else -1 for it in with_text]
-        batch = Batch(images, None, [it[2] for it in items], image_text=image_text,
+        groups = [_text_id(text) if is_prompt else -1 for text, _, is_prompt in rows]
+        batch = Batch(images, None, [it.sample_id for it in items], image_text=image_text,
                       text_groups=torch.tensor(groups, dtype=torch.long))
-        if not with_text:
+        if prompt_row:
+            batch.image_prompt = torch.tensor([prompt_row.get(id(it), -1) for it in with_image], dtype=torch.long)
+        if not rows:
             return batch
-        texts = [it[1] for it in with_text]
+        texts = [text for text, _, _ in rows]
         if self.masker is None:
             batch.text = self.tokenizer(texts)
             return batch
-        rngs = [np.random.default_rng(it[4]) for it in with_text]
-        maskable = [it[3] != "image_only" for it in with_text]
+        rngs = [np.random.default_rng(it.seed) for _, it, _ in rows]
+        maskable = [not is_prompt for _, _, is_prompt in rows]
         batch.text, batch.masked_text, batch.mlm_labels = self.masker(texts, rngs, maskable)
         batch.mlm_rows = torch.tensor(np.flatnonzero(maskable), dtype=torch.long)
         return batch

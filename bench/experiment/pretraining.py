@@ -74,6 +74,8 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
     would hold nothing it learns from."""
     image = cfg.model.image
     heads = list(cfg.method.get("labels") or [])
+    prompt = corpus_prompt(cfg)
+    paired_prompts = prompt is not None and bool(cfg.method.prompts.get("paired", False))
     pools: dict[str, Pool] = {}
     for kind, names in corpus_sources(cfg).items():
         parts = []
@@ -87,12 +89,14 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
                 continue
             # the reports are read even by a method without text: they decide which studies are paired samples,
             # so it trains on the images the image-text methods train on
-            data = load_dataset(cfg, name, with_reports=True, labels_as_written=bool(heads) and kind == "paired")
+            # label heads and paired prompts read a paired source's labels as written
+            written = kind == "paired" and (bool(heads) or paired_prompts)
+            data = load_dataset(cfg, name, with_reports=True, labels_as_written=written)
             if "report" not in data.manifest.columns:
                 raise UserError(f"{name} has no reports, so it cannot be a {kind} source of data.corpus")
             # a text-only source's images are never read, so they are not decoded either
             rows = data.rows("train") if kind == "paired" else data.splits.rows("train")
-            parts.append((name, rows, data.labels_as_written(rows) if heads and kind == "paired" else None))
+            parts.append((name, rows, data.labels_as_written(rows) if written else None))
         if not parts:
             continue
         ids = [f"{name}:{i}" for name, rows, _ in parts for i in rows["sample_id"]]
@@ -100,13 +104,14 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
             kind, [name for name, _, _ in parts], ids,
             paths=None if kind == "text_only" else [p for _, rows, _ in parts for p in rows["image_path"]],
             texts=None if kind == "image_only" else [t for _, rows, _ in parts for t in rows["report"]],
-            labels=pd.concat([lab for _, _, lab in parts], ignore_index=True) if kind == "image_only" else None,
+            labels=pd.concat([lab for _, _, lab in parts], ignore_index=True)
+            if kind == "image_only" or (kind == "paired" and paired_prompts) else None,
             head_labels=np.concatenate([head_labels(name, lab, heads) for name, _, lab in parts]) if heads else None)
     size = METHODS.get(cfg.method.name).corpus_image_size(cfg)
     preprocess = ImagePreprocessor(size, image.mean, image.std, True, corpus_channels(image))
     cache = ImageCache(cfg.data.cache_dir, size)
-    corpus = PretrainCorpus(pools, preprocess, cache, seed, corpus_prompt(cfg),
-                            pairing=str(cfg.method.get("pairing", "matched")))
+    corpus = PretrainCorpus(pools, preprocess, cache, seed, prompt, pairing=str(cfg.method.get("pairing", "matched")),
+                            paired_prompts=paired_prompts)
     # trainer.batch_size is the global batch: under torchrun every rank gets the same share of every kind
     batch_size, world = int(cfg.trainer.batch_size), distributed.world_size()
     if batch_size % world:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from bench.data.batch import Batch
-from bench.data.corpus import KINDS, Pool, batch_composition
+from bench.data.corpus import KINDS, CorpusItem, Pool, batch_composition
 from bench.experiment.identity import corpus_sources
 from bench.modeling.method import Method
 from bench.train.trainer import Trainer
@@ -29,6 +29,7 @@ def synthetic_batches(cfg: DictConfig, method: Method, count: int, seed: int) ->
     kinds = [k for k in KINDS if corpus_sources(cfg).get(k)]
     per_batch = batch_composition(int(cfg.trainer.batch_size), dict(cfg.data.corpus.mix), {k: 1 for k in kinds})
     prompt = corpus_prompt(cfg)
+    paired_prompts = prompt is not None and bool(cfg.method.prompts.get("paired", False))
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     collate = method.make_collate()
@@ -42,7 +43,9 @@ def synthetic_batches(cfg: DictConfig, method: Method, count: int, seed: int) ->
                 reports.append(report)
                 pixels = None if kind == "text_only" else torch.randn(channels, size, size, generator=generator)
                 text = report if kind != "image_only" else prompt(patient.labels()) if prompt else None
-                items.append((pixels, text, f"synthetic:{b}:{kind}:{j}", kind, int(rng.integers(2 ** 31))))
+                paired_prompt = prompt(patient.labels()) if kind == "paired" and paired_prompts else None
+                items.append(CorpusItem(pixels, text, f"synthetic:{b}:{kind}:{j}", kind, int(rng.integers(2 ** 31)),
+                                        prompt=paired_prompt))
         batches.append(collate(items))
     pools = {"paired": Pool("paired", ["synthetic-tensors"], [str(i) for i in range(len(reports))],
                             texts=reports)}
