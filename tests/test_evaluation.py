@@ -250,6 +250,24 @@ def test_a_protocols_own_fractions_choose_its_records_and_not_their_keys(tiny_cf
     assert plans["null"][("fine-tune", 0.1)] == plans["[0.1]"][("fine-tune", 0.1)]
 
 
+def test_ablations_that_start_from_the_same_weights_share_one_random_init_baseline(tiny_cfg):
+    """The baseline is named by the untrained weights the evaluators read: training switches do not split it;
+    the seed, the model and a method's own evaluated modules do."""
+    key = {(m, a, seed): random_init_subject(tiny_cfg(m, a, seed))
+           for m, a, seed in [("clip", "none", 0), ("clip", "shuffled-pairs", 0), ("clip", "none", 1),
+                              ("mmclip", "none", 0), ("mmclip", "no-attmim", 0), ("mmclip", "random-mask", 0),
+                              ("supervised", "none", 0)]}
+    assert key["clip", "none", 0] == key["clip", "shuffled-pairs", 0] != key["clip", "none", 1]
+    assert key["mmclip", "none", 0] == key["mmclip", "no-attmim", 0] == key["mmclip", "random-mask", 0]
+    assert key["mmclip", "none", 0].ablation == "mmclip" and key["clip", "none", 0].ablation == "clip"
+    assert len({key[m, "none", 0].pretrain_hash for m in ("clip", "mmclip", "supervised")}) == 3
+    # a change of the evaluated weights is a new baseline: the temperature (zero-shot's logit scale), the model
+    assert random_init_subject(tiny_cfg("clip", extra=("method.temperature=0.2",))) != key["clip", "none", 0]
+    assert random_init_subject(tiny_cfg("clip", extra=("model.embed_dim=32",))) != key["clip", "none", 0]
+    cfg = tiny_cfg("clip")
+    assert random_init_subject(cfg, build_method(cfg, 0)) == key["clip", "none", 0]
+
+
 def test_bench_eval_of_a_run_folder_reproduces_the_run_records(tiny_cfg, tmp_path):
     from bench.cli import main
     from bench.experiment.chain import run_experiment

@@ -60,12 +60,12 @@ def _kill_when(proc: subprocess.Popen, ready) -> None:
 def test_dry_run_counts_a_fresh_grid_with_shared_baselines_and_worker_shares(data_home, tmp_path, capsys,
                                                                             monkeypatch):
     import bench.data.images
-    from bench.modeling.method import Method
+    from bench.train.trainer import Trainer
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a dry run builds no model and reads no image")
+        raise AssertionError("a dry run trains nothing and reads no image")
 
-    monkeypatch.setattr(Method, "__init__", refuse)
+    monkeypatch.setattr(Trainer, "fit", refuse)
     monkeypatch.setattr(bench.data.images, "read_image", refuse)
     suite = tmp_path / "grid.yaml"
     # mask-ratio-0.75 sets the default value: its own pretraining run, but the same untrained model as none
@@ -101,7 +101,8 @@ def test_suite_resumes_after_a_kill_and_then_has_nothing_to_do(data_home, tmp_pa
     args = ["suite", "smoke", "--results-dir", str(results)]
     units = plan(load_suite("smoke"), [], str(results))
     planned = {ResultsStore(results).record_path(k) for u in units for k in u.records}
-    assert len(planned) == 12  # 3 runs + 3 baselines, rsna zero-shot and linear probe each
+    # 3 runs + 2 baselines (mmclip's ablations share theirs), rsna zero-shot and linear probe each
+    assert len(planned) == 10
     mmclip_run = next(u.run_dir for u in units if u.method == "mmclip")
 
     killed = subprocess.Popen([EXE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,7 +112,7 @@ def test_suite_resumes_after_a_kill_and_then_has_nothing_to_do(data_home, tmp_pa
     assert len(before) == 4  # clip's run and its baseline were finished
     code, out, err = _cli(capsys, *args, "--dry-run")
     assert code == 0, err
-    assert "pretraining: 1 done, 1 partial, 1 to do; records: 4 done, 8 to do" in out
+    assert "pretraining: 1 done, 1 partial, 1 to do; records: 4 done, 6 to do" in out
 
     code, out, err = _cli(capsys, *args)  # the same command again, in this process
     assert code == 0, err
@@ -119,7 +120,7 @@ def test_suite_resumes_after_a_kill_and_then_has_nothing_to_do(data_home, tmp_pa
     assert lines["pretrain clip/none"] == lines["random-init clip/none"] == "finished already"
     assert lines["pretrain mmclip/none"].startswith("resumed in"), out
     assert lines["pretrain mmclip/no-attmim"].startswith("trained in"), out
-    assert _written(out) == 8, "only what was missing is written"
+    assert _written(out) == 6, "only what was missing is written"
     after = _records(results)
     assert set(after) == planned
     assert {p: after[p] for p in before} == before, "a finished record was redone"
@@ -128,7 +129,7 @@ def test_suite_resumes_after_a_kill_and_then_has_nothing_to_do(data_home, tmp_pa
     stamps, digest = _stamps(results), tree_digest(results)
     code, out, err = _cli(capsys, *args)
     assert code == 0, err
-    assert "nothing to do: all 6 unit(s) were finished (12 records)" in out
+    assert "nothing to do: all 5 unit(s) were finished (10 records)" in out
     assert _stamps(results) == stamps and tree_digest(results) == digest, "a finished suite writes nothing"
 
 

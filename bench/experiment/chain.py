@@ -24,7 +24,9 @@ def pretrain_and_evaluate(cfg: DictConfig, store: ResultsStore, device: torch.de
     untrained model) and evaluating took (`pretrain_s`, `evaluate_s`)."""
     started = time.perf_counter()
     if random_init:
-        method, subject = build_method(cfg, cfg.seed).to(device), random_init_subject(cfg)
+        method = build_method(cfg, cfg.seed)
+        subject = random_init_subject(cfg, method)
+        method.to(device)
     else:
         if distributed.is_main():
             announce(cfg)

@@ -3,6 +3,7 @@ evaluation seed), each written once with its provenance, finished ones skipped, 
 same record computing it once."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ from bench.evaluation.protocol import EvalContext, run_protocol
 from bench.experiment.config import ABSENT, ablation_changes, flatten_config
 from bench.experiment.contamination import pretraining_overlap
 from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
+from bench.modeling.method import Method
 from bench.train import distributed
 from bench.train.cost import COST_FILE, UNTRAINED
 from bench.train.speed import loader_workers
@@ -183,9 +185,30 @@ def subject_of_run(cfg: DictConfig, checkpoint: Path) -> Subject:
                    {"path": str(checkpoint), "sha256": digest}, digest[:16])
 
 
-def random_init_subject(cfg: DictConfig) -> Subject:
-    """The pretrained model's exact starting point: same architecture, same seed, no training."""
-    arch = stable_hash({"method": to_plain(cfg.method), "model": to_plain(cfg.model)})
+def evaluated_weights_digest(method: Method) -> str:
+    """sha256 of the weights the evaluators read (`Method.evaluated_modules`): names, shapes, dtypes, bytes."""
+    digest = hashlib.sha256()
+    modules = set(method.evaluated_modules())
+    for name, tensor in sorted(method.state_dict().items()):
+        if name.split(".")[0] in modules:
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def random_init_subject(cfg: DictConfig, method: Method | None = None) -> Subject:
+    """The pretrained model's exact starting point: same architecture, same seed, no training; `method` is
+    that untrained model (built here when not given).
+
+    It is named by the method and identified by the model's configuration and the untrained weights the
+    evaluators read, not by the method's training switches: every ablation of a method that starts from the
+    same weights shares one baseline, evaluated once and shown as one table row."""
+    from bench.experiment.pretraining import build_method
+
+    method = build_method(cfg, int(cfg.seed)) if method is None else method
+    arch = stable_hash({"method": cfg.method.name, "model": to_plain(cfg.model),
+                        "weights": evaluated_weights_digest(method)})
     return Subject(RANDOM_INIT, cfg.method.name, arch, int(cfg.seed), None, f"random-init-{arch[:12]}-s{cfg.seed}")
 
 

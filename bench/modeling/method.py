@@ -68,6 +68,14 @@ class Method(nn.Module):
         """Names of the submodules `encode_image` runs through: fine-tuning trains these (and a head) only."""
         return ("image_tower",)
 
+    def evaluated_modules(self) -> tuple[str, ...]:
+        """Names of the submodules (and parameters) the evaluators read: `image_modules`, and with a joint space
+        the text tower, both projections and the temperature (the names `methods/clip.py`'s add_joint_space
+        gives them). Their untrained weights identify the random-init baseline, so ablations that differ only
+        in what training adds share one."""
+        joint = ("text_tower", "image_proj", "text_proj", "logit_scale") if self.has_joint_space(self.cfg) else ()
+        return (*self.image_modules(), *joint)
+
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
         """`encode_image`'s features -> the L2-normalised joint-space embedding (zero-shot reuses the features
         the linear probe caches, so each image is encoded once)."""
