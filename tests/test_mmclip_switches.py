@@ -169,6 +169,14 @@ def test_the_super_resolution_target_is_the_large_image(tiny_cfg):
     out.loss.backward()
 
 
+def test_the_corpus_decodes_each_image_at_its_own_size_only(tiny_cfg, tmp_path):
+    """MRM's corpus hands over 2x squares: its readability check decodes at that size, not the tower's too."""
+    cfg = tiny_cfg("mrm", extra=(f"data.cache_dir={tmp_path / 'cache'}",))
+    corpus, _, _ = build_corpus(cfg, 0)
+    assert corpus.cache.size == 2 * cfg.model.image.image_size
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{corpus.cache.size}px"]
+
+
 @pytest.mark.parametrize("method_name,ablation", [("mmclip", "random-image-mask"), ("mmclip", "random-text-mask"),
                                                   ("mmclip", "entmlm-full-image"), ("mmclip", "no-entmlm"),
                                                   ("mmclip", "no-attmim"), ("mmclip", "paired-prompts"),

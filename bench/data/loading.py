@@ -106,11 +106,13 @@ class LoadedDataset:
         return ImagePreprocessor(image.image_size, image.mean, image.std, augment, image.get("channels", 3))
 
 
-def load_dataset(cfg: DictConfig, name: str, with_reports: bool = False, labels_as_written: bool = False
-                 ) -> LoadedDataset:
+def load_dataset(cfg: DictConfig, name: str, with_reports: bool = False, labels_as_written: bool = False,
+                 cache_size: int | None = None) -> LoadedDataset:
     """Dataset `name` as `cfg` sets it up. With `labels_as_written`, it also keeps the label values as the
     files write them (uncertain -1 and blank) where the adapter has an uncertainty policy: the pretraining
-    corpus writes prompts from them. Splits and everything else follow the policy's labels."""
+    corpus writes prompts from them. Splits and everything else follow the policy's labels. `cache_size`: the
+    side of the cached squares `rows` decodes into (default the image tower's; the pretraining corpus's own
+    where a method reads larger images, so each image is decoded once)."""
     settings, root = dataset_settings(cfg, name), dataset_root(cfg, name)
     adapter = DATASETS.get(name)(root, settings)
     manifest = adapter.read(with_reports=with_reports)
@@ -120,6 +122,6 @@ def load_dataset(cfg: DictConfig, name: str, with_reports: bool = False, labels_
     written = adapter.labels_as_written(manifest) if labels_as_written else None
     splits = materialise(manifest, adapter.task, name, cfg.data.splits_dir)
     workers = cfg.runtime.get("decode_workers") or os.cpu_count() or 1
-    return LoadedDataset(name, manifest, adapter.task, splits, ImageCache(cfg.data.cache_dir,
-                         int(cfg.model.image.image_size)), cfg.model.image, cfg.data.corrupt_images, int(workers),
-                         written_labels=written)
+    size = int(cfg.model.image.image_size) if cache_size is None else cache_size
+    return LoadedDataset(name, manifest, adapter.task, splits, ImageCache(cfg.data.cache_dir, size), cfg.model.image,
+                         cfg.data.corrupt_images, int(workers), written_labels=written)

@@ -76,12 +76,13 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
     heads = list(cfg.method.get("labels") or [])
     prompt = corpus_prompt(cfg)
     paired_prompts = prompt is not None and bool(cfg.method.prompts.get("paired", False))
+    size = METHODS.get(cfg.method.name).corpus_image_size(cfg)  # the readability check decodes at this size
     pools: dict[str, Pool] = {}
     for kind, names in corpus_sources(cfg).items():
         parts = []
         for name in names:
             if kind == "image_only":  # the labels as written, for prompts
-                data = load_dataset(cfg, name, labels_as_written=True)
+                data = load_dataset(cfg, name, labels_as_written=True, cache_size=size)
                 rows = data.rows("train")
                 if rows.empty:
                     raise UserError(f"{name}: no readable training images for the image-only corpus")
@@ -91,7 +92,7 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
             # so it trains on the images the image-text methods train on
             # label heads and paired prompts read a paired source's labels as written
             written = kind == "paired" and (bool(heads) or paired_prompts)
-            data = load_dataset(cfg, name, with_reports=True, labels_as_written=written)
+            data = load_dataset(cfg, name, with_reports=True, labels_as_written=written, cache_size=size)
             if "report" not in data.manifest.columns:
                 raise UserError(f"{name} has no reports, so it cannot be a {kind} source of data.corpus")
             # a text-only source's images are never read, so they are not decoded either
@@ -107,7 +108,6 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
             labels=pd.concat([lab for _, _, lab in parts], ignore_index=True)
             if kind == "image_only" or (kind == "paired" and paired_prompts) else None,
             head_labels=np.concatenate([head_labels(name, lab, heads) for name, _, lab in parts]) if heads else None)
-    size = METHODS.get(cfg.method.name).corpus_image_size(cfg)
     preprocess = ImagePreprocessor(size, image.mean, image.std, True, corpus_channels(image))
     cache = ImageCache(cfg.data.cache_dir, size)
     corpus = PretrainCorpus(pools, preprocess, cache, seed, prompt, pairing=str(cfg.method.get("pairing", "matched")),
