@@ -380,6 +380,12 @@ def test_cli_table(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert main(["table", "--results-dir", str(store.root), "--datasets", "nih"]) == 2
     assert "datasets present: chexpert" in capsys.readouterr().err
+    # --seeds keeps the models of those pretraining seeds: n=1 where three seeds were stored
+    assert main(["table", "--results-dir", str(store.root), "--seeds", "1", "--methods", "mmclip"]) == 0
+    table = capsys.readouterr().out
+    assert "(n=1)" in table and "(n=3)" not in table
+    assert main(["table", "--results-dir", str(store.root), "--seeds", "0,7"]) == 2
+    assert "no records of pretraining seed(s) 7; seeds present: 0, 1, 2" in capsys.readouterr().err
 
 
 def test_a_contaminated_cell_is_marked_and_its_source_named():

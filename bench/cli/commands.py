@@ -100,9 +100,11 @@ def verb_table(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from bench.core.results import ResultsStore
+    from bench.report.selection import keep_pretrain_seeds
     from bench.report.table import build_table
 
-    text = build_table(ResultsStore(args.results_dir).records(), args.metric, args.protocol, args.format,
+    records = keep_pretrain_seeds(ResultsStore(args.results_dir).records(), args.seeds)
+    text = build_table(records, args.metric, args.protocol, args.format,
                        fraction=args.fraction, datasets=args.datasets, methods=args.methods,
                        delta_to=args.delta_to, test=args.test, ci=args.ci, prompt_set=args.prompt_set,
                        reference=args.reference, cost=args.cost)
@@ -120,9 +122,11 @@ def verb_plot(args: argparse.Namespace) -> None:
 
     from bench.core.results import ResultsStore
     from bench.report.plots import write_plots
+    from bench.report.selection import keep_pretrain_seeds
 
     out = Path(args.out).expanduser() if args.out else Path(args.results_dir) / "plots"
-    for path in write_plots(ResultsStore(args.results_dir).records(), args.kind, out, metric=args.metric,
+    records = keep_pretrain_seeds(ResultsStore(args.results_dir).records(), args.seeds)
+    for path in write_plots(records, args.kind, out, metric=args.metric,
                             protocol=args.protocol, fraction=args.fraction, datasets=args.datasets,
                             methods=args.methods):
         print(path)

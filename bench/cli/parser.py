@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--protocol", default=None, help="only this protocol (e.g. zero-shot, linear-probe)")
     table.add_argument("--fraction", default=None, help="only this label fraction (e.g. 0.1 or 10%%)")
     table.add_argument("--datasets", default=None, help="comma-separated datasets, in column order")
+    table.add_argument("--seeds", default=None, help="only models of these pretraining seeds, e.g. 0 or 0,1")
     table.add_argument("--methods", default=None,
                        help="comma-separated METHOD[:ABLATION] rows, in row order (their random-init baseline "
                             "stays)")
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--protocol", default=None, help="only this protocol")
     plot.add_argument("--fraction", default=None, help="only this label fraction (e.g. 0.1 or 10%%)")
     plot.add_argument("--datasets", default=None, help="comma-separated datasets")
+    plot.add_argument("--seeds", default=None, help="only models of these pretraining seeds, e.g. 0 or 0,1")
     plot.add_argument("--methods", default=None, help="comma-separated METHOD[:ABLATION] rows")
     plot.add_argument("--results-dir", default="results", help="results root (default: ./results)")
     plot.add_argument("--out", default=None, metavar="DIR", help="folder for the figures (default: "

@@ -68,6 +68,23 @@ def _spec_matches(rec: dict, spec: tuple[str, str | None, str | None]) -> bool:
             and (variant is None or str(rec.get("pretrain_hash", "")).startswith(variant)))
 
 
+def keep_pretrain_seeds(records: list[dict], seeds: str | None) -> list[dict]:
+    """The records of models pretrained with one of `seeds` ("0,2"; None keeps all). The random-init baseline's
+    seed is its model's, so it follows the same filter. A seed no record has is an error naming those present."""
+    if seeds is None:
+        return records
+    try:
+        wanted = {int(s) for s in name_list(seeds)}
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
+    present = sorted({int(r["pretrain_seed"]) for r in records if r.get("pretrain_seed") is not None})
+    missing = sorted(wanted - set(present))
+    if not wanted or missing:
+        raise UserError(f"--seeds {seeds}: no records of pretraining seed(s) {', '.join(map(str, missing)) or '-'}; "
+                        f"seeds present: {', '.join(map(str, present)) or 'none'}")
+    return [r for r in records if r.get("pretrain_seed") is not None and int(r["pretrain_seed"]) in wanted]
+
+
 def select_records(records: list[dict], protocol: str | None = None, fraction: float | str | None = None,
                    datasets: str | Sequence[str] | None = None,
                    methods: str | Sequence[str] | None = None) -> list[dict]:
