@@ -34,6 +34,7 @@ def add_joint_space(method: Method, cfg: DictConfig) -> None:
 @register_method("clip")
 class CLIP(Method):
     setting_checks: ClassVar[dict[str, Check]] = {**JOINT_SPACE_CHECKS, "pairing": one_of(PAIRINGS)}
+    init_settings = ("temperature",)  # the towers come from the model's config; the logit scale from this
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)

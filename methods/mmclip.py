@@ -67,6 +67,9 @@ def _boolean(key: str, value) -> str | None:
 
 @register_method("mmclip")
 class MMCLIP(Method):
+    # the towers come from the model's config and are built first; contrastive decides whether the projections
+    # (and temperature) exist, temperature their logit scale; every other switch builds modules after them
+    init_settings = ("temperature", "contrastive")
     setting_checks = {
         **JOINT_SPACE_CHECKS,
         **{f"loss_weights.{k}": number(0) for k in ("itc", "mim", "mlm")},

@@ -71,6 +71,7 @@ class Supervised(Method):
     joint_space = False
     setting_checks: ClassVar[dict[str, Check]] = {"labels": list_of(text(), nonempty=True, distinct=True),
                                                   "uncertain": one_of(UNCERTAIN)}
+    init_settings = ()  # the evaluators read the image tower alone, built from the model's config
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)

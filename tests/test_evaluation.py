@@ -16,7 +16,7 @@ from bench.evaluation.protocol import EvalContext
 from bench.evaluation.protocols.fine_tune import fine_tune
 from bench.evaluation.protocols.linear_probe import linear_probe
 from bench.evaluation.protocols.zero_shot import zero_shot
-from bench.experiment.evaluating import evaluate, random_init_subject
+from bench.experiment.evaluating import Subject, evaluate, random_init_subject
 from bench.experiment.pretraining import build_method
 from bench.modeling.fine_tune_model import FineTuneModel
 from bench.train.early_stopping import EarlyStopping
@@ -251,21 +251,33 @@ def test_a_protocols_own_fractions_choose_its_records_and_not_their_keys(tiny_cf
 
 
 def test_ablations_that_start_from_the_same_weights_share_one_random_init_baseline(tiny_cfg):
-    """The baseline is named by the untrained weights the evaluators read: training switches do not split it;
-    the seed, the model and a method's own evaluated modules do."""
-    key = {(m, a, seed): random_init_subject(tiny_cfg(m, a, seed))
-           for m, a, seed in [("clip", "none", 0), ("clip", "shuffled-pairs", 0), ("clip", "none", 1),
-                              ("mmclip", "none", 0), ("mmclip", "no-attmim", 0), ("mmclip", "random-mask", 0),
-                              ("supervised", "none", 0)]}
-    assert key["clip", "none", 0] == key["clip", "shuffled-pairs", 0] != key["clip", "none", 1]
-    assert key["mmclip", "none", 0] == key["mmclip", "no-attmim", 0] == key["mmclip", "random-mask", 0]
-    assert key["mmclip", "none", 0].ablation == "mmclip" and key["clip", "none", 0].ablation == "clip"
-    assert len({key[m, "none", 0].pretrain_hash for m in ("clip", "mmclip", "supervised")}) == 3
-    # a change of the evaluated weights is a new baseline: the temperature (zero-shot's logit scale), the model
-    assert random_init_subject(tiny_cfg("clip", extra=("method.temperature=0.2",))) != key["clip", "none", 0]
-    assert random_init_subject(tiny_cfg("clip", extra=("model.embed_dim=32",))) != key["clip", "none", 0]
-    cfg = tiny_cfg("clip")
-    assert random_init_subject(cfg, build_method(cfg, 0)) == key["clip", "none", 0]
+    """The baseline is keyed by the model and the method's `init_settings`, not by its training switches. Every
+    shipped method's list is checked against the weights: configurations with one key build the same untrained
+    evaluated weights (on this machine: their bits depend on the CPU's instruction set), and changing an
+    init setting changes them."""
+    from bench.core.registry import METHODS
+    from bench.experiment.config import ablation_names
+    from bench.experiment.evaluating import evaluated_weights_digest
+
+    digests: dict[Subject, set[str]] = {}
+    for name in METHODS.names():
+        for ablation in ablation_names(name):
+            cfg = tiny_cfg(name, ablation)
+            method = build_method(cfg, 0)
+            subject = random_init_subject(cfg, method)
+            assert subject.checkpoint == {"untrained_weights_sha256": evaluated_weights_digest(method)}
+            digests.setdefault(random_init_subject(cfg), set()).add(subject.checkpoint["untrained_weights_sha256"])
+    assert all(len(d) == 1 for d in digests.values()), "one baseline key, different untrained weights"
+    keys = {s.ablation: s for s in digests}
+    assert len(digests) == len(keys) == len(METHODS.names())  # one baseline per method: its ablations share it
+    assert random_init_subject(tiny_cfg("clip", seed=1)) != keys["clip"]
+    for method, changes in [("clip", ["method.temperature=0.2"]), ("mmclip", ["method.temperature=0.2"]),
+                            ("mmclip", ["method.contrastive=false", "method.image_masking.strategy=random"]),
+                            ("supervised", ["model.image.layers=3"])]:
+        cfg = tiny_cfg(method, extra=tuple(changes))
+        changed = random_init_subject(cfg, build_method(cfg, 0))
+        assert changed.pretrain_hash != keys[method].pretrain_hash
+        assert changed.checkpoint["untrained_weights_sha256"] not in digests[keys[method]], changes
 
 
 def test_bench_eval_of_a_run_folder_reproduces_the_run_records(tiny_cfg, tmp_path):

@@ -60,12 +60,12 @@ def _kill_when(proc: subprocess.Popen, ready) -> None:
 def test_dry_run_counts_a_fresh_grid_with_shared_baselines_and_worker_shares(data_home, tmp_path, capsys,
                                                                             monkeypatch):
     import bench.data.images
-    from bench.train.trainer import Trainer
+    from bench.modeling.method import Method
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a dry run trains nothing and reads no image")
+        raise AssertionError("a dry run builds no model and reads no image")
 
-    monkeypatch.setattr(Trainer, "fit", refuse)
+    monkeypatch.setattr(Method, "__init__", refuse)
     monkeypatch.setattr(bench.data.images, "read_image", refuse)
     suite = tmp_path / "grid.yaml"
     # mask-ratio-0.75 sets the default value: its own pretraining run, but the same untrained model as none

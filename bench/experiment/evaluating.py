@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench.core.errors import UserError
 from bench.core.hashing import stable_hash, to_plain
@@ -40,7 +40,8 @@ class Subject:
     ablation: str
     pretrain_hash: str
     pretrain_seed: int
-    checkpoint: dict | None  # {"path", "sha256"} of our weights, an external model's identity, None if untrained
+    # {"path", "sha256"} of our weights, an external model's identity, an untrained model's weights' digest (or None)
+    checkpoint: dict | None
     feature_key: str  # names its folder of cached features: the weights' hash, or the untrained model's
 
 
@@ -198,18 +199,21 @@ def evaluated_weights_digest(method: Method) -> str:
 
 
 def random_init_subject(cfg: DictConfig, method: Method | None = None) -> Subject:
-    """The pretrained model's exact starting point: same architecture, same seed, no training; `method` is
-    that untrained model (built here when not given).
+    """The pretrained model's exact starting point: same architecture, same seed, no training.
 
-    It is named by the method and identified by the model's configuration and the untrained weights the
-    evaluators read, not by the method's training switches: every ablation of a method that starts from the
-    same weights shares one baseline, evaluated once and shown as one table row."""
-    from bench.experiment.pretraining import build_method
+    It is keyed by the method, the model's configuration and the method settings that shape the untrained
+    weights the evaluators read (`Method.init_settings`), not by the bits of those weights (they differ
+    between CPUs' instruction sets, and a plan is made from the configs alone): every ablation of a method
+    that starts from the same weights shares one baseline, evaluated once and shown as one row. Given the
+    untrained `method`, the subject also names those weights by digest (the record's `checkpoint`)."""
+    from bench.core.registry import METHODS
 
-    method = build_method(cfg, int(cfg.seed)) if method is None else method
-    arch = stable_hash({"method": cfg.method.name, "model": to_plain(cfg.model),
-                        "weights": evaluated_weights_digest(method)})
-    return Subject(RANDOM_INIT, cfg.method.name, arch, int(cfg.seed), None, f"random-init-{arch[:12]}-s{cfg.seed}")
+    own = METHODS.get(cfg.method.name).init_settings
+    settings = to_plain(cfg.method) if own is None else \
+        to_plain(OmegaConf.create({k: OmegaConf.select(cfg.method, k) for k in own}))
+    arch = stable_hash({"method": cfg.method.name, "model": to_plain(cfg.model), "settings": settings})
+    weights = None if method is None else {"untrained_weights_sha256": evaluated_weights_digest(method)}
+    return Subject(RANDOM_INIT, cfg.method.name, arch, int(cfg.seed), weights, f"random-init-{arch[:12]}-s{cfg.seed}")
 
 
 def report_timing(subject: Subject, summary: dict) -> None:

@@ -32,6 +32,11 @@ class Method(nn.Module):
     # valid values of its switches (method.<key>), checked with the rest of the configuration before any work
     # (bench.experiment.config_checks); a switch without one is checked against its default's type
     setting_checks: ClassVar[dict[str, Check]] = {}
+    # the method.* settings that shape the untrained weights the evaluators read (`evaluated_modules`); None: all
+    # of them. The random-init baseline is keyed by these and the model's configuration, so configurations that
+    # differ only in what training does (a method's ablations) share one (tests/test_evaluation.py checks the
+    # shipped methods' lists against the weights themselves)
+    init_settings: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -71,8 +76,7 @@ class Method(nn.Module):
     def evaluated_modules(self) -> tuple[str, ...]:
         """Names of the submodules (and parameters) the evaluators read: `image_modules`, and with a joint space
         the text tower, both projections and the temperature (the names `methods/clip.py`'s add_joint_space
-        gives them). Their untrained weights identify the random-init baseline, so ablations that differ only
-        in what training adds share one."""
+        gives them); the random-init baseline's record names their untrained weights by digest."""
         joint = ("text_tower", "image_proj", "text_proj", "logit_scale") if self.has_joint_space(self.cfg) else ()
         return (*self.image_modules(), *joint)
 
