@@ -55,6 +55,11 @@ def corpus_prompt(cfg: DictConfig) -> Callable[[dict], str] | None:
                    negatives=bool(p.negatives))
 
 
+def corpus_paired_prompts(cfg: DictConfig) -> bool:
+    """Whether paired samples also get the prompt of their own labels (MMCLIP's `prompts.paired`)."""
+    return corpus_prompt(cfg) is not None and bool(cfg.method.prompts.get("paired", False))
+
+
 def head_labels(name: str, written: pd.DataFrame, heads: list[str]) -> np.ndarray:
     """[samples, heads] label values of one source for a method trained on labels (`method.labels`): 1, 0 and
     -1 (uncertain) as written, blank (not mentioned) as 0, as every adapter's own labels count it (MIMIC-CXR's
@@ -75,7 +80,7 @@ def build_corpus(cfg: DictConfig, seed: int) -> tuple[PretrainCorpus, MixedBatch
     image = cfg.model.image
     heads = list(cfg.method.get("labels") or [])
     prompt = corpus_prompt(cfg)
-    paired_prompts = prompt is not None and bool(cfg.method.prompts.get("paired", False))
+    paired_prompts = corpus_paired_prompts(cfg)
     size = METHODS.get(cfg.method.name).corpus_image_size(cfg)  # the readability check decodes at this size
     pools: dict[str, Pool] = {}
     for kind, names in corpus_sources(cfg).items():

@@ -22,14 +22,14 @@ def synthetic_batches(cfg: DictConfig, method: Method, count: int, seed: int) ->
     `Method.prepare` (its reports)."""
     from bench.data.synth.findings import sample_patient
     from bench.data.synth.reports import write_report
-    from bench.experiment.pretraining import corpus_channels, corpus_prompt
+    from bench.experiment.pretraining import corpus_channels, corpus_paired_prompts, corpus_prompt
 
     image = cfg.model.image
     channels, size = corpus_channels(image), type(method).corpus_image_size(cfg)
     kinds = [k for k in KINDS if corpus_sources(cfg).get(k)]
     per_batch = batch_composition(int(cfg.trainer.batch_size), dict(cfg.data.corpus.mix), {k: 1 for k in kinds})
     prompt = corpus_prompt(cfg)
-    paired_prompts = prompt is not None and bool(cfg.method.prompts.get("paired", False))
+    paired_prompts = corpus_paired_prompts(cfg)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     collate = method.make_collate()
