@@ -46,8 +46,8 @@ from bench.modeling.decoders import (
     PooledImageLatent,
     TextDecoder,
     encode_with_offset,
+    masked_patch_loss,
     mlm_cross_entropy,
-    patchify,
     tower_and_target,
 )
 from bench.modeling.losses import clip_loss, rank_weight
@@ -347,20 +347,15 @@ class MMCLIP(Method):
 
     def _mim_loss(self, batch: Batch, target_images: torch.Tensor, mask, visible: torch.Tensor,
                   context: torch.Tensor | None) -> torch.Tensor:
-        """MSE on the hidden patches' pixels (the first channel: inputs are grey repeated), each patch
-        normalised by its own mean and std when norm_pix_loss."""
+        """MSE on the hidden patches' pixels (`masked_patch_loss`), the decoder reading the text `context`."""
         image_text = batch.image_text if batch.image_text is not None else \
             torch.arange(batch.images.shape[0], device=batch.images.device)
         if context is None:
             image_text = torch.full_like(image_text, -1)
         padding = None if context is None else batch.text.attention_mask == 0
         prediction = self.image_decoder(visible, mask.keep, context, padding, image_text)
-        target = patchify(target_images[:, :1].float(), self.target_patch)
-        if self.cfg.method.image_masking.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        per_patch = (prediction.float() - target).pow(2).mean(-1)
-        return per_patch[mask.masked].mean()
+        return masked_patch_loss(prediction, target_images, self.target_patch, mask.masked,
+                                 bool(self.cfg.method.image_masking.norm_pix_loss))
 
     def _text_image(self, batch: Batch, rows: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
         """For text `rows`, the image row each one's text branch consults (-1: none)."""

@@ -39,10 +39,14 @@ CASES = {
                               "data.corpus.text_only=[mimic-cxr]"]),
     # every branch; random image masks differ between ranks, so only synchronisation is checked
     "mmclip": ("mmclip", []),
+    # MLIP's global and patch-sentence losses, each rank's rows against every rank's (no random mask)
+    "mlip-psm": ("mlip", ["method.masking.enabled=false", "method.integrity.enabled=false",
+                          "method.mim.enabled=false"]),
+    "mlip": ("mlip", []),
 }
-EXACT = ("clip", "mmclip-itc", "mmclip-mlm")
+EXACT = ("clip", "mmclip-itc", "mmclip-mlm", "mlip-psm")
 # rows of one optimiser step (2 micro-batches of 8 paired rows, and on top 4 image-only and, where read, 4 text-only)
-ROWS = {"clip": 16, "mmclip-itc": 32, "mmclip-mlm": 32, "mmclip": 24}
+ROWS = {"clip": 16, "mmclip-itc": 32, "mmclip-mlm": 32, "mmclip": 24, "mlip-psm": 16, "mlip": 16}
 
 
 def one_step(case: str, run_dir: Path) -> dict:

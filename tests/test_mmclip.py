@@ -31,6 +31,8 @@ EXPECTED_LOSSES = {
     ("mmclip", "random-image-mask"): {"itc", "mim", "mlm"}, ("mmclip", "random-text-mask"): {"itc", "mim", "mlm"},
     ("mmclip", "entmlm-full-image"): {"itc", "mim", "mlm"},
     ("mmclip", "paired-prompts"): {"itc", "itc_prompt", "mim", "mlm"},
+    ("mlip", "none"): {"itc", "psm", "mim"}, ("mlip", "no-psm"): {"itc", "mim"}, ("mlip", "no-mim"): {"itc", "psm"},
+    ("mlip", "no-masking"): {"itc", "psm"}, ("mlip", "no-integrity"): {"itc", "psm", "mim"},
 }
 
 
@@ -54,7 +56,7 @@ def test_one_step_trains_exactly_the_claimed_losses_and_every_parameter(tiny_cfg
     method.train()
     out = method.training_step(batch)
     assert torch.isfinite(out.loss)
-    losses = {k for k in out.parts if k in ("itc", "itc_prompt", "mim", "mlm")}
+    losses = {k for k in out.parts if k in ("itc", "itc_prompt", "psm", "mim", "mlm")}
     assert losses == EXPECTED_LOSSES[(method_name, ablation)]
     assert all(float(out.parts[k]) > 0 for k in losses)
     out.loss.backward()

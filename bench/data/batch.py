@@ -2,7 +2,7 @@
 fine-tuning, what the model predicts). Methods, the trainer and the evaluators all read this one type."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -30,7 +30,9 @@ class Batch:
     `mlm_labels`, the hidden pieces' ids (-100 elsewhere); `mlm_rows` are the text rows MLM may mask (the
     reports, not the prompts; None: every row), the only ones a method needs to encode masked. Fine-tuning batches carry `labels`, the task's
     label vector per image; pretraining on labels (methods/supervised.py) carries them too, with `label_mask`
-    saying which of them count (an uncertain or unlabelled finding does not)."""
+    saying which of them count (an uncertain or unlabelled finding does not). Methods that match image regions
+    with sentences get the reports' `sentences` (one row each) and `sentence_index[t, k]`, the sentence row of
+    text row t's k-th sentence (-1: none; a fixed number of columns, the method's `max_sentences`)."""
 
     images: torch.Tensor | None
     text: TextBatch | None
@@ -43,14 +45,14 @@ class Batch:
     mlm_rows: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     image_prompt: torch.Tensor | None = None
+    sentences: TextBatch | None = None
+    sentence_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def move(x):
-            return None if x is None else x.to(device, non_blocking=non_blocking)
+            return x.to(device, non_blocking=non_blocking) if isinstance(x, (torch.Tensor, TextBatch)) else x
 
-        return Batch(move(self.images), move(self.text), self.sample_ids, move(self.image_text),
-                     move(self.text_groups), move(self.masked_text), move(self.mlm_labels), move(self.labels),
-                     move(self.mlm_rows), move(self.label_mask), move(self.image_prompt))
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image rows, their text rows) of the samples that have both."""

@@ -5,7 +5,8 @@ image), mixed in every batch at a configured ratio.
 A batch's rows are ordered paired, image-only, text-only. `Batch.images` holds the rows that have an
 image, `Batch.text` the rows that have text, and `Batch.image_text` links each image to its text row. With
 paired prompts (MMCLIP's `prompts.paired`) every paired image also gets the prompt of its own labels: extra text
-rows after all the others, linked by `Batch.image_prompt`.
+rows after all the others, linked by `Batch.image_prompt`. A method that matches image regions with sentences
+(MLIP) gets each report's sentences too (`Batch.sentences`, `Batch.sentence_index`).
 
 Pairing `shuffled` (the negative control of image-text methods) gives each paired image the report of another
 sample instead of its own: a derangement drawn afresh every epoch from (seed, epoch) alone, so a resumed run and
@@ -28,6 +29,7 @@ from bench.core.errors import UserError
 from bench.data.batch import Batch, TextBatch
 from bench.data.image_datasets import ImagePreprocessor
 from bench.data.images import ImageCache
+from bench.data.sentences import split_sentences
 
 # texts -> their token batch (bench.modeling.towers.Tokenizer)
 Tokenize = Callable[[list[str]], TextBatch]
@@ -188,13 +190,36 @@ def _text_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
 
 
+@dataclass(frozen=True)
+class Sentences:
+    """How a collate splits reports into sentences: at most `max_sentences` each (`split_sentences`), tokenised
+    by `tokenizer` (typically shorter than the reports'), padded to the batch's longest sentence."""
+
+    tokenizer: Tokenize
+    max_sentences: int
+    deduplicate: bool = True
+
+    def __call__(self, reports: list[str | None]) -> tuple[TextBatch, torch.Tensor]:
+        """(every sentence's tokens, [reports, max_sentences] its sentence rows, -1 none); None: not a report."""
+        index = torch.full((len(reports), self.max_sentences), -1, dtype=torch.long)
+        sentences: list[str] = []
+        for row, text in enumerate(reports):
+            found = split_sentences(text, self.max_sentences, self.deduplicate) if text is not None else []
+            index[row, :len(found)] = torch.arange(len(sentences), len(sentences) + len(found))
+            sentences.extend(found)
+        tokens = self.tokenizer(sentences)
+        # sentences are short: padding only to the batch's longest saves most of the text tower's work on them
+        length = max(int(tokens.attention_mask.sum(1).max()), 1) if sentences else 1
+        return TextBatch(tokens.input_ids[:, :length], tokens.attention_mask[:, :length]), index
+
+
 class CorpusCollate:
     """CorpusItems -> Batch: rows ordered by kind, text tokenised, paired samples' prompts (where the items
-    carry them) as extra text rows after the others, and with a masker the reports (not the prompts) masked
-    for MLM."""
+    carry them) as extra text rows after the others, with a masker the reports (not the prompts) masked for
+    MLM, and with `sentences` the reports (not the prompts) split into sentences."""
 
-    def __init__(self, tokenizer: Tokenize, masker: MaskTexts | None = None):
-        self.tokenizer, self.masker = tokenizer, masker
+    def __init__(self, tokenizer: Tokenize, masker: MaskTexts | None = None, sentences: Sentences | None = None):
+        self.tokenizer, self.masker, self.sentences = tokenizer, masker, sentences
 
     def __call__(self, items: list[CorpusItem]) -> Batch:
         items = sorted(items, key=lambda it: KINDS.index(it.kind))
@@ -219,6 +244,9 @@ class CorpusCollate:
         if not rows:
             return batch
         texts = [text for text, _, _ in rows]
+        if self.sentences is not None:
+            batch.sentences, batch.sentence_index = self.sentences(
+                [None if is_prompt else text for text, _, is_prompt in rows])
         if self.masker is None:
             batch.text = self.tokenizer(texts)
             return batch

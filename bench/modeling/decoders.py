@@ -172,6 +172,18 @@ def tower_and_target(images: torch.Tensor | None, size: int, scale: int
     return small.to(images.dtype), images
 
 
+def masked_patch_loss(prediction: torch.Tensor, target_images: torch.Tensor, patch: int, masked: torch.Tensor,
+                      norm_pix_loss: bool) -> torch.Tensor:
+    """MSE of an image decoder's `prediction` [B, N, p*p] on the hidden patches (`masked` [B, N]) of
+    `target_images`' first channel (inputs are grey repeated), each patch normalised by its own mean and std
+    when `norm_pix_loss` (MAE)."""
+    target = patchify(target_images[:, :1].float(), patch)
+    if norm_pix_loss:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return (prediction.float() - target).pow(2).mean(-1)[masked].mean()
+
+
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)(W/p), p*p*C], patches in row-major order (the ViT's token order)."""
     b, c, h, w = images.shape

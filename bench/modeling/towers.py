@@ -144,6 +144,12 @@ class Tokenizer:
                       return_tensors="pt")
         return TextBatch(enc["input_ids"], enc["attention_mask"])
 
+    def with_max_length(self, max_length: int) -> "Tokenizer":
+        """The same vocabulary at another fixed length (short sentences need fewer positions than reports)."""
+        other = object.__new__(Tokenizer)
+        other.hf, other.max_length = self.hf, max_length
+        return other
+
     @property
     def vocab_size(self) -> int:
         return len(self.hf)

@@ -11,9 +11,11 @@ from bench.tools.profile.profiler import INPUTS, OFFLINE, VARIANTS, Config, Prof
 
 
 def parse_methods(text: str) -> list[tuple[str, str]]:
-    """`clip,mmclip:no-attmim` -> [(method, ablation)]; `all` = clip, mrm, mmclip and every mmclip ablation."""
+    """`clip,mmclip:no-attmim` -> [(method, ablation)]; `all` = clip, mrm, and mmclip and mlip with every
+    ablation of theirs."""
     if text == "all":
-        return [("clip", "none"), ("mrm", "none"), *(("mmclip", a) for a in ablation_names("mmclip"))]
+        return [("clip", "none"), ("mrm", "none"),
+                *((m, a) for m in ("mmclip", "mlip") for a in ablation_names(m))]
     out = []
     for spec in filter(None, (s.strip() for s in text.split(","))):
         method, _, ablation = spec.partition(":")
@@ -33,11 +35,20 @@ def configurations(methods: list[tuple[str, str]], presets: list[str], inputs: l
 # --- the device's limit --------------------------------------------------------------------------------------
 
 
+def cost_vs_clip(rows: list[dict]) -> list[float | None]:
+    """Each row's step time over plain CLIP's of the same preset, input and variant (None: CLIP not timed)."""
+    clip = {(r["preset"], r["input"], r["variant"]): r["step_ms"] for r in rows
+            if r["method"] == "clip" and r["ablation"] == "none" and "error" not in r}
+    return [None if "error" in r or (r["preset"], r["input"], r["variant"]) not in clip
+            else r["step_ms"] / clip[(r["preset"], r["input"], r["variant"])] for r in rows]
+
+
 def render(rows: list[dict]) -> str:
-    """A table of the lines, for people."""
-    head = f"{'configuration':<40} {'variant':<8} {'ms/step':>9} {'img/s':>8} {'peak MB':>9} {'MFU':>6} {'loader':>8}"
+    """A table of the lines, for people; `vs clip` is the step's cost relative to CLIP's (`cost_vs_clip`)."""
+    head = (f"{'configuration':<40} {'variant':<8} {'ms/step':>9} {'vs clip':>8} {'img/s':>8} {'peak MB':>9} "
+            f"{'MFU':>6} {'loader':>8}")
     lines = [head]
-    for r in rows:
+    for r, relative in zip(rows, cost_vs_clip(rows)):
         name = Config(r["method"], r["ablation"], r["preset"], r["input"]).label
         if "error" in r:
             lines.append(f"{name:<40} {r['variant']:<8} {r['error']}")
@@ -45,8 +56,9 @@ def render(rows: list[dict]) -> str:
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         peak = "" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         ratio = "" if r.get("loader_ratio") is None else f"{r['loader_ratio']:.1f}x"
-        lines.append(f"{name:<40} {r['variant']:<8} {r['step_ms']:>9.1f} {r['images_per_s']:>8.0f} {peak:>9} "
-                     f"{mfu:>6} {ratio:>8}")
+        vs_clip = "" if relative is None else f"{relative:.2f}x"
+        lines.append(f"{name:<40} {r['variant']:<8} {r['step_ms']:>9.1f} {vs_clip:>8} {r['images_per_s']:>8.0f} "
+                     f"{peak:>9} {mfu:>6} {ratio:>8}")
     return "\n".join(lines)
 
 
