@@ -165,6 +165,7 @@ class CheXpert5x200(CheXpert):
     config_key = "chexpert"
     description = "CheXpert 5x200: 1,000 training images with exactly one of 5 findings; zero-shot accuracy"
     task = Task(labels=COMPETITION, multilabel=False, metric="acc")
+    provides = frozenset({"single-label"})
 
     def read(self, with_reports: bool = True) -> pd.DataFrame:
         manifest = super().read(with_reports)

@@ -50,6 +50,7 @@ class MimicCxrJpg(Adapter):
     name = "mimic-cxr"
     description = "MIMIC-CXR-JPG: the paired image-report pretraining corpus (14 CheXpert-labeler labels)"
     task = finding_task(LABELS)
+    provides = frozenset({"reports"})
     setting_checks = {"labeler": one_of(("chexpert", "negbio")), "uncertain_policy": one_of(POLICIES[:-1]),
                       "empty_reports": one_of(("skip", "error")), "reports_root": text(null=True),
                       "sections": list_of(text(), nonempty=True),

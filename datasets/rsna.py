@@ -29,6 +29,7 @@ LABEL = "Pneumonia"
 class Rsna(Adapter):
     name = "rsna"
     task = finding_task([LABEL], "auc")
+    provides = frozenset({"masks"})
     description = "RSNA Pneumonia Detection: binary pneumonia (lung opacity) classification from DICOMs (AUC)"
     defaults = {"images_dir": "stage_2_train_images", "val_fraction": 0.15, "test_fraction": 0.15}  # root: .../rsna-pneumonia-detection-challenge
     synthetic = Synthetic("rsna-pneumonia-detection-challenge", {"tiny": 80, "small": 2600, "medium": 6000},  # 60% test

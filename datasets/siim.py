@@ -34,6 +34,7 @@ LABEL = "Pneumothorax"
 class Siim(Adapter):
     name = "siim"
     task = finding_task([LABEL], "auc")
+    provides = frozenset({"masks"})
     description = "SIIM-ACR Pneumothorax: binary pneumothorax classification from DICOMs (AUC)"
     defaults = {"images_dir": "dicom-images-train", "val_fraction": 0.15, "test_fraction": 0.15}  # root: .../siim-acr-pneumothorax
     synthetic = Synthetic("siim-acr-pneumothorax", {"tiny": 80, "small": 2600, "medium": 6000},  # images, 60% test

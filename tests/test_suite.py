@@ -240,7 +240,7 @@ def test_a_grid_of_unequal_budgets_is_refused_unless_the_file_allows_it(tmp_path
 def test_unknown_suite_name_and_bad_worker_are_one_line(tmp_path, capsys):
     code, _, err = _cli(capsys, "suite", "nope", "--dry-run")
     assert code == 2 and ("no suite 'nope': not a file and not a named suite; named suites: ablations, controls, "
-                          "smoke") in err
+                          "methods, smoke") in err
     code, _, err = _cli(capsys, "suite", "smoke", "--worker", "3/2", "--dry-run")
     assert code == 2 and "--worker '3/2': expected I/N with 1 <= I <= N" in err
     assert len(err.strip().splitlines()) == 1

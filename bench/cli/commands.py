@@ -73,14 +73,17 @@ def verb_eval(args: argparse.Namespace) -> None:
     from bench.experiment.setup import quiet_libraries, start
 
     quiet_libraries()  # before the model is built: transformers speaks while it builds
+    from bench.core.registry import PROTOCOLS
+
     overrides = list(args.overrides)
     for flag, key in ((args.dataset, "eval.datasets"), (args.protocol, "eval.protocols")):
         items = [x for item in flag for x in item.split(",") if x]
         if items:
             overrides.append(f"{key}=[{','.join(items)}]")
+            if key == "eval.datasets":  # every protocol's: a protocol's own `datasets` (retrieval's) gives way
+                overrides += [f"eval.{cls.section()}.datasets=null" for cls in PROTOCOLS.classes()
+                              if "datasets" in cls.defaults]
     if args.fractions:  # every protocol's: a protocol's own `fractions` (fine-tuning's demo default) gives way
-        from bench.core.registry import PROTOCOLS
-
         overrides.append(f"eval.fractions=[{','.join(map(str, fraction_list(args.fractions, '--fractions')))}]")
         overrides += [f"eval.{cls.section()}.fractions=null" for cls in PROTOCOLS.classes()
                       if "fractions" in cls.defaults]

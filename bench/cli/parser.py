@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="Trailing key=value items override eval/data/runtime settings, e.g. "
                                "eval.fine_tune.epochs=5 runtime.device=cuda.")
     ev.add_argument("--checkpoint", required=True, metavar="PATH_OR_NAME")
-    ev.add_argument("--dataset", action="append", default=[], help="dataset to evaluate on (repeatable; default: "
-                                                                   "eval.datasets)")
-    ev.add_argument("--protocol", action="append", default=[], help="zero-shot, linear-probe or fine-tune "
-                                                                    "(repeatable; default: eval.protocols)")
+    ev.add_argument("--dataset", action="append", default=[], help="dataset to evaluate on, by every protocol that "
+                                                                   "applies (repeatable; default: eval.datasets, "
+                                                                   "and a protocol's own datasets)")
+    ev.add_argument("--protocol", action="append", default=[], help="zero-shot, linear-probe, fine-tune, "
+                                                                    "segmentation or retrieval (repeatable; default: "
+                                                                    "eval.protocols)")
     ev.add_argument("--fractions", default=None, help="label fractions of every protocol, e.g. 0.01,0.1,1 (default: "
                                                       "eval.fractions; fine-tuning: eval.fine_tune.fractions)")
     ev.add_argument("--seeds", default=None, help="evaluation seeds, e.g. 0,1,2 (default: eval.seeds)")
@@ -175,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Write PNG and PDF figures from the records: `bars` (seed mean per row with "
                                       "CI whiskers, one panel per dataset, one figure per protocol and fraction), "
                                       "`fractions` (metric vs label fraction per row), `roc` (macro-average ROC "
-                                      "per row from the stored predictions), or `all`. Prints the paths written.")
-    plot.add_argument("--kind", default="all", choices=["bars", "fractions", "roc", "all"])
+                                      "per row from the stored predictions), `masks` (segmentation: test images with "
+                                      "true and predicted masks), or `all`. Prints the paths written.")
+    plot.add_argument("--kind", default="all", choices=["bars", "fractions", "roc", "masks", "all"])
     plot.add_argument("--metric", default="auc", help="metric for bars and fractions (default: auc)")
     plot.add_argument("--protocol", default=None, help="only this protocol")
     plot.add_argument("--fraction", default=None, help="only this label fraction (e.g. 0.1 or 10%%)")

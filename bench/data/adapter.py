@@ -75,7 +75,9 @@ class Adapter:
       default's type;
     - `synthetic`: its copy in the synthetic benchmark (`Synthetic`), or None for a dataset without one;
     - `prompts`: zero-shot prompts for labels the shipped prompt sets do not cover, per prompt set
-      ({set name: {label: class}} in the prompt-set file schema, bench/evaluation/prompt_sets.py).
+      ({set name: {label: class}} in the prompt-set file schema, bench/evaluation/prompt_sets.py);
+    - `provides`: what it offers beyond labels (reports, masks, single-label test images), for the protocols
+      that need it.
     A variant that reads another adapter's files and settings (chexpert-5x200) sets `config_key` to that
     adapter's name; its settings, synthetic copy and prompts are that adapter's (whatever it inherits).
 
@@ -92,6 +94,10 @@ class Adapter:
     setting_checks: ClassVar[dict[str, Check]] = {}
     synthetic: ClassVar[Synthetic | None] = None
     prompts: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # what it offers beyond labels, for the protocols that need it (`Protocol.requires`): "reports" (each image's
+    # report, `read(with_reports=True)`), "masks" (finding masks from its own annotations, `finding_mask`),
+    # "single-label" (exactly one class per test image, for class-consistent retrieval)
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def settings_key(cls) -> str:

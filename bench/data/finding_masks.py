@@ -140,6 +140,12 @@ def patch_coverage(mask: np.ndarray, size: int, patch: int) -> np.ndarray:
     return np.clip(covered / area, 0.0, 1.0).ravel()
 
 
+def input_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """[size, size] bool: the mask at the model's input geometry (`resize_and_pad`'s), a pixel on it when at
+    least half its area is (exact area, as `patch_coverage` with one-pixel patches)."""
+    return (patch_coverage(mask, size, 1) >= 0.5 - 1e-9).reshape(size, size)
+
+
 def on_finding(mask: np.ndarray, size: int, patch: int, threshold: float = COVERAGE_THRESHOLD) -> np.ndarray:
     """[N] bool: the patches whose coverage by `mask` is at least `threshold`."""
     return patch_coverage(mask, size, patch) >= threshold - 1e-9  # a quarter computed as 0.2499999... counts

@@ -81,3 +81,17 @@ def collate_labelled(items: list) -> Batch:
     """(image, labels, id) items -> a Batch of images with their label vectors."""
     return Batch(torch.stack([it[0] for it in items]), None, [it[2] for it in items],
                  labels=torch.stack([it[1] for it in items]))
+
+
+class MaskedImageDataset(ImageTextDataset):
+    """Rows of a manifest as (image tensor, [size, size] float mask at the model's input geometry, sample id),
+    for segmentation; no augmentation (a crop would have to move the mask with the image)."""
+
+    def __init__(self, paths: Sequence[str], masks: np.ndarray, ids: Sequence[str], preprocess: ImagePreprocessor,
+                 cache: ImageCache, seed: int = 0):
+        super().__init__(paths, None, ids, preprocess, cache, seed)
+        self.masks = np.asarray(masks, dtype=bool)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image, _, sample_id = super().__getitem__(i)
+        return image, torch.from_numpy(self.masks[i].astype(np.float32)), sample_id

@@ -3,7 +3,8 @@
 A protocol is a plug-in: one module in bench/evaluation/protocols/ (or a third party's, named by a
 `medvlp_bench.protocols` entry point) with a `Protocol` subclass registered by `@register_protocol(name)`. It
 declares what the rest of the harness needs to know without running it (which jobs the evaluation settings
-make, whether it reads frozen features, whether it needs a joint image-text space, its settings under
+make, whether it reads frozen features, whether it needs a joint image-text space, which datasets it applies
+to (`requires`: what their adapters must provide, such as reports or masks), its settings under
 `eval.<section>` and their checks) and one `run`. The experiment chain, sweeps, the config and the tables
 read everything else from the registry (`bench.core.registry.PROTOCOLS`).
 
@@ -64,6 +65,23 @@ class Protocol:
     needs_joint_space: ClassVar[bool] = False  # only for models that embed images and texts in one space
     defaults: ClassVar[dict[str, Any]] = {}  # its settings, as the config holds them under eval.<section>
     setting_checks: ClassVar[dict[str, Check]] = {}  # valid values of those settings (key within the section)
+    # runs only on datasets whose adapter provides one of these (`Adapter.provides`); empty: on every dataset
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def is_metric(cls, name: str) -> bool:
+        """Whether its records can hold metric `name` (a sweep's objective is checked with it before any work); by
+        default the classification metrics of `bench.evaluation.metrics.METRICS`."""
+        from bench.evaluation.metrics import METRICS
+
+        return any(name in names for names in METRICS.values())
+
+    @classmethod
+    def applies_to(cls, dataset: str) -> bool:
+        """Whether it runs on `dataset` (a registered name), known from the adapter's declarations alone."""
+        from bench.core.registry import DATASETS
+
+        return not cls.requires or bool(cls.requires & DATASETS.get(dataset).provides)
 
     @classmethod
     def section(cls) -> str:
@@ -76,6 +94,13 @@ class Protocol:
         eval.fractions. (Fine-tuning's default keeps the main job short; see its `defaults`.)"""
         own = cfg.eval.get(cls.section(), {}).get("fractions")
         return [float(f) for f in (cfg.eval.fractions if own is None else own)]
+
+    @classmethod
+    def datasets(cls, cfg: DictConfig) -> list[str]:
+        """The datasets it runs on: its own section's `datasets` where that is set (not null), else eval.datasets;
+        of those, the ones it applies to (`applies_to`)."""
+        own = cfg.eval.get(cls.section(), {}).get("datasets")
+        return [str(d) for d in (cfg.eval.datasets if own is None else own) if cls.applies_to(str(d))]
 
     @classmethod
     def jobs(cls, fractions: Sequence[float], seeds: Sequence[int]) -> list[tuple[float, int]]:
@@ -96,6 +121,22 @@ class Protocol:
     @classmethod
     def remove_outputs(cls, cfg: DictConfig, folder: Path) -> None:
         """After the record is written: remove what `run` left in `folder` that its settings do not keep."""
+
+
+def evaluated_datasets(cfg: DictConfig) -> list[str]:
+    """Every dataset some configured protocol runs on, eval.datasets first, in order."""
+    from bench.core.registry import PROTOCOLS
+
+    named = [*cfg.eval.datasets, *(d for p in cfg.eval.protocols for d in PROTOCOLS.get(p).datasets(cfg))]
+    return [str(d) for d in dict.fromkeys(named)]
+
+
+def dataset_list(key: str, v: Any) -> str | None:
+    """A protocol's own `datasets`: null (eval.datasets) or distinct registered dataset names."""
+    from bench.core.checks import list_of, one_of
+    from bench.core.registry import DATASETS
+
+    return None if v is None else list_of(one_of(DATASETS.names()), nonempty=True, distinct=True)(key, v)
 
 
 def run_protocol(ctx: EvalContext, protocol: str, fraction: float, seed: int, folder: Path) -> ProtocolResult:

@@ -13,7 +13,7 @@ from bench.core.errors import UserError
 from bench.data.adapter import Task
 from bench.evaluation.features import ids_sha256, predictions_frame
 from bench.evaluation.metrics import choose_thresholds, task_metrics
-from bench.evaluation.stats import bootstrap, rare_classes
+from bench.evaluation.stats import bootstrap, bootstrap_means, rare_classes
 
 
 def val_thresholds(task: Task, y_val: np.ndarray, scores_val: np.ndarray) -> np.ndarray | None:
@@ -69,3 +69,37 @@ class ProtocolResult:
 
     def predictions(self) -> pd.DataFrame:
         return predictions_frame(self.test_rows, self.task, self.y, self.scores)
+
+
+@dataclass
+class SampleMeanResult:
+    """What a protocol whose metrics are means of per-sample values hands back (segmentation's Dice per image,
+    retrieval's hit per query): `values` (metric -> one value per sample of its own; NaN where the metric does
+    not cover the sample), the samples' ids in order (one test set: what paired comparisons check), and the
+    per-sample predictions from which every value recomputes."""
+
+    values: dict[str, np.ndarray]
+    test_ids: list[str]
+    prediction_frame: pd.DataFrame
+    n_test: int | dict[str, int]
+    chosen: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def numbers(self, boot: DictConfig) -> dict:
+        draws = bootstrap_means(self.values, int(boot.resamples), int(boot.seed), float(boot.confidence))
+        metrics = {}
+        for name, v in self.values.items():
+            v = np.asarray(v, dtype=float)
+            metrics[name] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+        return {
+            "metrics": metrics, "per_class": {}, "n_test": self.n_test, "chosen": dict(self.chosen),
+            "rare_classes": {},
+            "bootstrap": {"resamples": draws["resamples"], "seed": draws["seed"], "confidence": draws["confidence"],
+                          "test_ids_sha256": ids_sha256(self.test_ids), "ci": draws["ci"],
+                          "replicates": {k: [round(float(v), 6) for v in r] for k, r in draws["replicates"].items()}},
+            **self.extra,
+        }
+
+    def predictions(self) -> pd.DataFrame:
+        return self.prediction_frame

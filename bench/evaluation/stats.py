@@ -75,6 +75,29 @@ def bootstrap(kind: str, y: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
             "replicates": replicates}
 
 
+
+def bootstrap_means(values: dict[str, np.ndarray], resamples: int = 1000, seed: int = 0,
+                    confidence: float = 0.95) -> dict:
+    """The percentile bootstrap of metrics that are means of per-sample values (Dice, Recall@K): each metric's
+    samples are resampled with `resample_indices` (so two models scored on the same samples are paired), and a
+    NaN value (a sample the metric does not cover: Dice on positive images only) is left out of the mean it
+    falls in. Returns what `bootstrap` returns."""
+    if resamples < 1:
+        raise ValueError(f"need at least one resample, got {resamples}")
+    replicates = {}
+    for name, v in values.items():
+        v = np.asarray(v, dtype=float)
+        counted = np.isfinite(v)
+        filled = np.where(counted, v, 0.0)
+        reps = np.empty(resamples)
+        for b in range(resamples):
+            draw = resample_indices(len(v), b, seed)
+            n = counted[draw].sum()
+            reps[b] = filled[draw].sum() / n if n else np.nan
+        replicates[name] = reps
+    return {"resamples": resamples, "seed": seed, "confidence": confidence,
+            "ci": {name: percentile_ci(r, confidence) for name, r in replicates.items()}, "replicates": replicates}
+
 # a class with fewer positives (or negatives) than this in the test split is flagged in its records and tables:
 # a resample misses all k of them with probability about e^-k (1 in 150 at k = 5, 1 in 7 at k = 2), and its AUC
 # rests on a handful of samples, so the macro's interval is conditional on drawing them and its per-class value

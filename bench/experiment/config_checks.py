@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core.checks import (Check, folder_or_null, integer, is_int, is_number, list_of, number, number_or_numbers,
                                one_of, show, switch, text)
 from bench.core.errors import UserError
+from bench.evaluation.protocol import evaluated_datasets
 from bench.data.synth import DIFFICULTIES, SIZES
 
 # mappings whose keys are the user's to choose: Hugging Face config fields, label phrases, label files
@@ -259,8 +260,8 @@ def check_config(cfg: DictConfig, defaults: DictConfig, reads_corpus: bool = Tru
         if not PROTOCOLS.get(name).fractions(cfg):
             raise UserError(f"eval.fractions is empty, and {name} has no fractions of its own: give at least one, "
                             f"e.g. eval.fractions=[1.0]")
-    read = {*plain["eval"]["datasets"], *(n for names in corpus_sources(cfg).values() for n in names)} \
-        if reads_corpus else set(plain["eval"]["datasets"])
+    evaluated = evaluated_datasets(cfg)
+    read = {*evaluated, *(n for names in corpus_sources(cfg).values() for n in names)} if reads_corpus else set(evaluated)
     for name in sorted(read):
         settings = dataset_settings(cfg, name)  # every dataset read has its entry in `data`
         folder_or_null(f"data.{DATASETS.get(name).settings_key()}.root", settings.get("root"))

@@ -32,7 +32,9 @@ def same_dataset_sources(cfg: DictConfig, evaluated: str) -> list[tuple[str, str
 
 def announce(cfg: DictConfig) -> None:
     """One line per evaluated dataset that pretraining also reads: said when a run starts."""
-    for evaluated in cfg.eval.datasets:
+    from bench.evaluation.protocol import evaluated_datasets
+
+    for evaluated in evaluated_datasets(cfg):
         for kind, name in same_dataset_sources(cfg, evaluated):
             print(f"bench: data.corpus.{kind} reads {name}, and eval.datasets evaluates {evaluated}: its labels or "
                   f"images are seen in pretraining, so its records are marked contaminated "

@@ -22,7 +22,7 @@ from bench.core.registry import PROTOCOLS
 from bench.core.results import RANDOM_INIT, RecordKey, ResultsStore
 from bench.data.loading import LoadedDataset, load_dataset
 from bench.evaluation.features import FeatureCache
-from bench.evaluation.protocol import EvalContext, run_protocol
+from bench.evaluation.protocol import EvalContext, evaluated_datasets, run_protocol
 from bench.experiment.config import ABSENT, ablation_changes, flatten_config
 from bench.experiment.contamination import pretraining_overlap
 from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
@@ -54,9 +54,11 @@ def evaluation_plan(cfg: DictConfig, subject: Subject, joint_space: bool) -> lis
     """The record of every configured dataset x protocol x fraction x seed of one model, in the order they run;
     known without the model's weights, so a plan can count what is left before anything is trained."""
     keys = []
-    for dataset in cfg.eval.datasets:
+    for dataset in evaluated_datasets(cfg):
         for protocol in evaluation_protocols(cfg, joint_space):
             runs = PROTOCOLS.get(protocol)
+            if dataset not in runs.datasets(cfg):
+                continue
             for fraction, seed in runs.jobs(runs.fractions(cfg), cfg.eval.seeds):
                 keys.append(RecordKey(subject.method, subject.ablation, subject.pretrain_hash, subject.pretrain_seed,
                                       dataset, protocol, fraction, seed, eval_hash(cfg, protocol, dataset)))
@@ -75,6 +77,11 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
     if skipped:
         print(f"bench: {subject.method} has no joint image-text space; {', '.join(skipped)} "
               f"{'is' if len(skipped) == 1 else 'are'} not evaluated", file=sys.stderr)
+    for protocol in cfg.eval.protocols:
+        runs = PROTOCOLS.get(protocol)
+        if not runs.datasets(cfg):
+            print(f"bench: {protocol} runs on datasets that provide {' or '.join(sorted(runs.requires))}; none of "
+                  f"its datasets does, so it is not evaluated", file=sys.stderr)
     workers = loader_workers(cfg.runtime.num_workers, device)
     features = FeatureCache(store.root / "features" / subject.feature_key if cfg.eval.cache_features else None,
                             int(cfg.eval.batch_size), device, workers)

@@ -80,7 +80,8 @@ def eval_hash(cfg: DictConfig, protocol: str, dataset: str) -> str:
     e = to_plain(cfg.eval)
     sections = {cls.section() for cls in PROTOCOLS.classes()}
     shared = {k: v for k, v in e.items() if k not in EVAL_SCHEDULE and k not in sections}
-    own = {k: v for k, v in e.get(PROTOCOLS.get(protocol).section(), {}).items() if k != "fractions"}  # which records
+    # which records (fractions, datasets) is no setting of any one record
+    own = {k: v for k, v in e.get(PROTOCOLS.get(protocol).section(), {}).items() if k not in ("fractions", "datasets")}
     # the rule that draws label fractions decides which training samples a record fits on
     return stable_hash({"protocol": protocol, "shared": shared, "own": own, "data": dataset_identity(cfg, dataset),
                         "fractions": FRACTION_RULE})

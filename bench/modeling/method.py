@@ -69,6 +69,11 @@ class Method(nn.Module):
         """Pooled image features before any projection (linear probe, fine-tuning)."""
         raise NotImplementedError
 
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, N, width] the image encoder's patch tokens in row-major grid order (segmentation's decoder reads
+        them)."""
+        return self.image_tower(images)[1]
+
     def image_modules(self) -> tuple[str, ...]:
         """Names of the submodules `encode_image` runs through: fine-tuning trains these (and a head) only."""
         return ("image_tower",)

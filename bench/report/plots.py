@@ -5,9 +5,12 @@
              stored CI; none if neither), n in the label;
   fractions  label-efficiency curves: the metric vs label fraction (log axis) per row, one figure per dataset
              with a panel per protocol that has several fractions, CI bands where CIs exist;
-  roc        per (dataset, protocol, fraction): one macro-average ROC curve per row from the stored predictions.
+  roc        per (dataset, protocol, fraction): one macro-average ROC curve per row from the stored predictions;
+  masks      per segmentation (dataset, fraction): a panel of test images (those with the largest true masks),
+             the true mask's outline over each and every row's predicted mask, from the stored predictions.
 
-The plotted numbers come from `bar_data`, `fraction_data` and `roc_data`, which the figures only draw.
+The plotted numbers come from `bar_data`, `fraction_data`, `roc_data` and `mask_panel_data`, which the figures
+only draw.
 Rows, filters and "never pool configurations" are the table's (`bench.report.selection`).
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ from bench.report.cells import summarise
 from bench.report.selection import (assign_variants, fraction_label, load_frame, protocol_rank, row_label,
                                     select_records, selected_frame)
 
-KINDS = ("bars", "fractions", "roc", "all")
+KINDS = ("bars", "fractions", "roc", "masks", "all")
+MASK_PANEL_IMAGES = 4
 ROC_GRID = np.linspace(0.0, 1.0, 201)
 
 
@@ -111,6 +115,37 @@ def roc_data(records: list[dict], protocol: str | None = None, fraction: float |
     if not out:
         raise UserError("no stored predictions for the selected records; ROC curves need the records' "
                         "predictions files (<stem>.predictions.csv.gz beside each record)")
+    return out
+
+
+def mask_panel_data(records: list[dict], fraction: float | str | None = None,
+                    datasets: str | Sequence[str] | None = None, methods: str | Sequence[str] | None = None,
+                    images: int = MASK_PANEL_IMAGES) -> dict[tuple, dict]:
+    """{(dataset, fraction): {"images": [(sample id, image path, true RLE)], "size": mask side, "rows": [(row,
+    [predicted RLE per image])]}} for the segmentation records: the `images` test images with the largest true
+    masks (then by id), and each row's first record (lowest pretraining and evaluation seed)."""
+    selected = select_records(records, "segmentation", fraction, datasets, methods)
+    frame = _order(assign_variants(load_frame(selected, "dice")))
+    out: dict[tuple, dict] = {}
+    for (dataset, frac), g in frame.groupby(["dataset", "fraction"], sort=False):
+        panel: dict = {"rows": []}
+        for label, rows in g.groupby("row", sort=False):
+            rows = rows.sort_values(["pretrain_seed", "eval_seed"])
+            path = rows["predictions"].iloc[0]
+            if path is None or not Path(path).exists():
+                continue
+            pred = pd.read_csv(path, dtype={"sample_id": str, "true_rle": str, "pred_rle": str}).set_index("sample_id")
+            if "images" not in panel:
+                chosen = pred.sort_values("true_pixels", ascending=False, kind="stable").head(images)
+                panel["images"] = [(sid, r["image_path"], r["true_rle"]) for sid, r in chosen.iterrows()]
+                record = next(r for r in selected if r.get("record_path") == rows["record_path"].iloc[0])
+                panel["size"] = int(record["chosen"]["mask_size"])
+            panel["rows"].append((label, [pred.at[sid, "pred_rle"] if sid in pred.index else "-1"
+                                          for sid, _, _ in panel["images"]]))
+        if panel["rows"]:
+            out[(dataset, frac)] = panel
+    if not out:
+        raise UserError("no segmentation records with stored predictions to draw masks from")
     return out
 
 
@@ -229,13 +264,13 @@ def write_plots(records: list[dict], kind: str, out_dir: str | Path, metric: str
                 protocol: str | None = None, fraction: float | str | None = None,
                 datasets: str | Sequence[str] | None = None,
                 methods: str | Sequence[str] | None = None) -> list[Path]:
-    """Write the figures of `kind` (bars, fractions, roc, all) as PNG and PDF under `out_dir`; the paths.
+    """Write the figures of `kind` (bars, fractions, roc, masks, all) as PNG and PDF under `out_dir`; the paths.
     `all` writes what there is to draw and skips a kind with nothing to draw (unless none has anything)."""
     if kind not in KINDS:
         raise UserError(f"unknown plot kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     out_dir = Path(out_dir).expanduser()
     written: list[Path] = []
-    kinds = ["bars", "fractions", "roc"] if kind == "all" else [kind]
+    kinds = ["bars", "fractions", "roc", "masks"] if kind == "all" else [kind]
     errors = []
     for k in kinds:
         try:
@@ -243,6 +278,8 @@ def write_plots(records: list[dict], kind: str, out_dir: str | Path, metric: str
                 written += _write_bars(records, out_dir, metric, protocol, fraction, datasets, methods)
             elif k == "fractions":
                 written += _write_fractions(records, out_dir, metric, protocol, datasets, methods)
+            elif k == "masks":
+                written += _write_masks(records, out_dir, fraction, datasets, methods)
             else:
                 written += _write_roc(records, out_dir, protocol, fraction, datasets, methods)
         except UserError as exc:
@@ -272,6 +309,51 @@ def _write_fractions(records, out_dir, metric, protocol, datasets, methods) -> l
     paths = []
     for dataset, d in data.groupby("dataset", sort=False):
         paths += _save(figure_fractions(d, metric, dataset, colors), out_dir, f"fractions_{metric}_{dataset}")
+    return paths
+
+
+def figure_masks(panel: dict, dataset: str, fraction: float):
+    """A grid: one column per image, a row of images with the true mask outlined, then one row per model with
+    its predicted mask filled over the image (true outline kept)."""
+    from matplotlib.figure import Figure
+
+    from bench.data.images import read_image, resize_and_pad
+    from bench.data.rle import rle_decode
+
+    size, shown = panel["size"], panel["images"]
+    fig = Figure(figsize=(2.2 * len(shown), 2.3 * (len(panel["rows"]) + 1)), layout="constrained")
+    axes = fig.subplots(len(panel["rows"]) + 1, len(shown), squeeze=False)
+    pictures = []
+    for sid, path, true_rle in shown:
+        try:
+            picture = resize_and_pad(read_image(path), size)
+        except Exception:  # noqa: BLE001 - a moved or unreadable image: draw the masks on grey
+            picture = np.full((size, size), 128, np.uint8)
+        pictures.append((picture, rle_decode(true_rle, size, size)))
+    for r, (label, predicted) in enumerate([("image, true mask", None), *panel["rows"]]):
+        for c, ((picture, truth), (sid, _, _)) in enumerate(zip(pictures, shown)):
+            ax = axes[r][c]
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=255)
+            if predicted is not None:
+                ax.imshow(np.ma.masked_where(~rle_decode(predicted[c], size, size), np.ones((size, size))),
+                          cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+            if truth.any():
+                ax.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"…{str(sid)[-14:]}" if len(str(sid)) > 15 else str(sid), fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{dataset} segmentation, {fraction_label(fraction)} labels: true mask outlined (green), "
+                 f"predicted filled (red)", fontsize=9)
+    return fig
+
+
+def _write_masks(records, out_dir, fraction, datasets, methods) -> list[Path]:
+    paths = []
+    for (dataset, frac), panel in mask_panel_data(records, fraction, datasets, methods).items():
+        paths += _save(figure_masks(panel, dataset, frac), out_dir, f"masks_{dataset}_{_frac_tag(frac)}")
     return paths
 
 

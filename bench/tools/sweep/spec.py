@@ -123,9 +123,15 @@ class Objective:
         protocol, metric = parts[1], parts[2]
         if protocol not in protocols:
             raise UserError(f"--objective {spec!r}: unknown protocol {protocol!r}; valid: {', '.join(protocols)}")
-        valid = sorted({m for names in METRICS.values() for m in names})
-        if metric not in valid:
-            raise UserError(f"--objective {spec!r}: unknown metric {metric!r}; valid: {', '.join(valid)}")
+        runs = PROTOCOLS.get(protocol)
+        if not runs.is_metric(metric):
+            valid = sorted({m for names in METRICS.values() for m in names})
+            raise UserError(f"--objective {spec!r}: {protocol} has no metric {metric!r}"
+                            + (f"; valid: {', '.join(valid)}" if runs.is_metric(valid[0]) else ""))
+        wrong = [d for d in datasets if not runs.applies_to(d)]
+        if wrong:
+            raise UserError(f"--objective {spec!r}: {protocol} needs a dataset that provides "
+                            f"{' or '.join(sorted(runs.requires))}; {', '.join(wrong)} does not")
         fraction = float(parts[3]) if len(parts) == 4 else 1.0
         if not 0 < fraction <= 1 or not datasets:
             raise UserError(f"--objective {spec!r}: needs at least one dataset and a fraction in (0, 1]")
