@@ -91,7 +91,11 @@ class MLIP(Method):
         self.masking, self.integrity = bool(m.masking.enabled), bool(m.integrity.enabled)
         self.psm, self.mim = bool(m.psm.enabled), bool(m.mim.enabled)
         if self.masking:  # min_visible against the patches the tower has
-            mask_counts(self.image_tower.num_patches, m.masking.mask_ratio, 0.0, m.masking.min_visible)
+            hidden, _ = mask_counts(self.image_tower.num_patches, m.masking.mask_ratio, 0.0, m.masking.min_visible)
+            if hidden == 0 and (self.mim or self.integrity):
+                raise UserError(f"method.masking.mask_ratio={m.masking.mask_ratio} hides no patch of "
+                                f"{self.image_tower.num_patches}: masked image prediction and integrity estimation "
+                                f"need some hidden; raise it or set method.masking.enabled=false")
         if self.psm and m.psm.projection == "separate":
             self.patch_proj = nn.Linear(self.image_tower.width, model.embed_dim, bias=False)
             self.sentence_proj = nn.Linear(self.text_tower.width, model.embed_dim, bias=False)

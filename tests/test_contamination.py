@@ -36,5 +36,5 @@ def test_a_run_that_pretrains_on_an_evaluated_dataset_says_so_when_it_starts(tin
     assert same_dataset_sources(cfg, "rsna") == []
     announce(cfg)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "data.corpus.image_only reads chexpert, and eval.datasets evaluates " \
+    assert len(lines) == 1 and "data.corpus.image_only reads chexpert, and the evaluation reads " \
                                "chexpert-5x200" in lines[0] and "contaminated" in lines[0]

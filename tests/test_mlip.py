@@ -142,6 +142,8 @@ def test_switches_that_cannot_hold_together_are_refused(tiny_cfg):
         tiny_cfg("mlip", extra=("method.unpaired=true",))
     with pytest.raises(UserError, match="psm.projection"):
         tiny_cfg("mlip", extra=("method.psm.projection=both",))
+    with pytest.raises(UserError, match="hides no patch of 64"):
+        build_method(tiny_cfg("mlip", "mask-ratio-0.0"), 0)
 
 
 CLAIMS = {"no-psm": {"psm.enabled"}, "no-mim": {"mim.enabled"}, "no-integrity": {"integrity.enabled"},

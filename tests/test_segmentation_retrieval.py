@@ -52,12 +52,14 @@ def test_recall_and_precision_at_k_against_hand_counts():
     np.testing.assert_allclose(values["i2t_r@2"], [1, 1, 0])
     # several relevant items: the best-ranked one counts
     np.testing.assert_array_equal(first_hit_ranks(similarity, np.array([[0, 1, 1]] * 3, bool)), [2, 1, 1])
+    # ties count against the query: an irrelevant item as similar as the hit ranks first
+    np.testing.assert_array_equal(first_hit_ranks(np.array([[0.5, 0.5, 0.5]]), np.array([[False, True, True]])), [2])
     classes = np.array([0, 0, 1, 1, 1])
     sim = -np.abs(np.arange(5)[:, None] - np.arange(5)[None, :]).astype(float)
     np.fill_diagonal(sim, -np.inf)
     hits = hits_at(sim, classes[:, None] == classes[None, :], [1, 2])
-    # ties keep the items' order: query 1's nearest are 0 (its class), then 2; query 2's are 1 (class 0), then 3
-    np.testing.assert_array_equal(hits[1], [1, 1, 0, 1, 1])
+    # ties count against the query: query 1's nearest are 0 (its class) and 2 (not), query 2's 1 (not) and 3
+    np.testing.assert_array_equal(hits[1], [1, 0, 0, 1, 1])
     np.testing.assert_array_equal(hits[2], [1, 1, 1, 2, 2])
 
 
@@ -114,7 +116,7 @@ def test_segmentation_and_retrieval_through_bench_eval_table_and_plot(data_home,
     (seg,) = _records(results, "segmentation")
     assert set(seg["metrics"]) == {"dice", "dice_pos", "iou"} and seg["dataset"] == "siim"
     assert seg["chosen"]["best_epoch"] in (1, 2)
-    assert len(seg["chosen"]["val_dice_by_epoch"]) == seg["chosen"]["epochs_run"]
+    assert len(seg["chosen"]["val_score_by_epoch"]) == seg["chosen"]["epochs_run"]
     # every number recomputes from the stored predictions (the masks as run-length codes)
     pred = pd.read_csv(results / "records" / "clip" / seg["predictions_file"],
                        dtype={"sample_id": str, "true_rle": str, "pred_rle": str})
@@ -138,6 +140,11 @@ def test_segmentation_and_retrieval_through_bench_eval_table_and_plot(data_home,
     for metric, values in recomputed.items():
         assert paired["metrics"][metric] == pytest.approx(values.mean())
     assert set(retrieval["chexpert-5x200"]["metrics"]) == {"i2i_p@1", "i2i_p@2"}
+    # K must leave items to miss: Recall@K over K or fewer items is 1 by construction
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--dataset", "mimic-cxr", "--protocol", "retrieval",
+                 *common, "eval.retrieval.ks=[1000]"]) == 2
+    assert "items to retrieve, not more than K=1000" in capsys.readouterr().err
 
     capsys.readouterr()
     assert main(["table", "--results-dir", str(results), "--protocol", "segmentation", "--metric", "dice"]) == 0

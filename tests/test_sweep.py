@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from tests_support import bench_cli
 
 from bench.core.errors import UserError
+from bench.core.registry import PROTOCOLS
 from bench.experiment.config import compose_config
 from bench.tools.sweep.spec import Objective, SweepSpec, parse_param
 from bench.tools.sweep.study import finalize, load_study, run_sweep
@@ -175,3 +176,22 @@ def test_finalize_writes_test_records_marked_with_the_study(data_home, tmp_path)
     table = bench_cli("table", "--results-dir", str(tmp_path / "results"), "--methods", f"clip:sweep-{spec.study_name}")
     assert table.returncode == 0, table.stderr
     assert f"sweep-{spec.study_name}" in table.stdout and "(n=2)" in table.stdout
+
+
+@pytest.mark.parametrize("objective,method", [("siim:segmentation:dice", "clip"), ("retrieval:t2i_r@1", "mlip")])
+def test_a_sweep_tunes_on_segmentation_or_retrieval(data_home, tmp_path, objective, method):
+    extra = ("eval.segmentation.epochs=1", "eval.segmentation.batch_size=8", "eval.retrieval.ks=[1]")
+    base = compose_config(method, overrides=[*FAST, *extra])
+    parsed = Objective.parse(objective, lambda p: PROTOCOLS.get(p).datasets(base))
+    # retrieval names no dataset: its own (the one with reports, and CheXpert 5x200)
+    assert parsed.datasets == (("siim",) if "siim" in objective else ("mimic-cxr", "chexpert-5x200"))
+    if "retrieval" in objective:
+        parsed = Objective.parse("mimic-cxr:" + objective, [])
+    params = ("mask_ratio=0.3:0.6",) if method == "mlip" else ("temperature=0.03:0.1",)
+    spec = SweepSpec(method, "none", [parse_param(p, base) for p in params], parsed, [0], [*FAST, *extra], 1,
+                     "random", "none", 0, str(tmp_path / "results"))
+    assert spec.params[0].key == ("method.masking.mask_ratio" if method == "mlip" else "method.temperature")
+    assert run_sweep(spec)["ran"] == 1
+    study, _ = load_study(spec)
+    (trial,) = finished(study)
+    assert trial.state == TrialState.COMPLETE and 0.0 <= trial.value <= 1.0

@@ -44,6 +44,7 @@ def fraction_list(text: str, flag: str) -> list[float]:
 
 
 def verb_sweep(args: argparse.Namespace) -> None:
+    from bench.core.registry import PROTOCOLS
     from bench.experiment.config import compose_config
     from bench.tools.sweep.spec import Objective, SweepSpec, parse_param
     from bench.tools.sweep.study import finalize, run_sweep
@@ -51,8 +52,8 @@ def verb_sweep(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     base = compose_config(args.method, args.ablation, None, overrides)
     spec = SweepSpec(args.method, args.ablation, [parse_param(p, base) for p in args.param],
-                     Objective.parse(args.objective, list(base.eval.datasets)), seed_list(args.seeds, "--seeds"),
-                     overrides, args.trials, args.sampler, args.pruner, args.sampler_seed, args.results_dir,
+                     Objective.parse(args.objective, lambda p: PROTOCOLS.get(p).datasets(base)),
+                     seed_list(args.seeds, "--seeds"), overrides, args.trials, args.sampler, args.pruner, args.sampler_seed, args.results_dir,
                      args.study_name, args.storage)
     if args.finalize:
         seeds = seed_list(args.final_seeds, "--final-seeds") if args.final_seeds else spec.seeds

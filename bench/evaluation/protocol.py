@@ -123,6 +123,14 @@ class Protocol:
         """After the record is written: remove what `run` left in `folder` that its settings do not keep."""
 
 
+def reads_reports(protocol: str, dataset: str) -> bool:
+    """Whether `protocol` reads `dataset`'s reports (retrieval on a dataset that has them): its manifest is then
+    loaded with them."""
+    from bench.core.registry import DATASETS, PROTOCOLS
+
+    return "reports" in PROTOCOLS.get(protocol).requires and "reports" in DATASETS.get(dataset).provides
+
+
 def evaluated_datasets(cfg: DictConfig) -> list[str]:
     """Every dataset some configured protocol runs on, eval.datasets first, in order."""
     from bench.core.registry import PROTOCOLS

@@ -48,6 +48,10 @@ class ProtocolResult:
     extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific record fields
     timing: dict[str, float] = field(default_factory=dict)
 
+    def metrics(self) -> dict[str, float]:
+        """The point estimates of its metrics over the whole split (what a sweep's objective reads)."""
+        return task_metrics(self.task.kind, self.y, self.scores, self.task.labels, self.thresholds)[0]
+
     def numbers(self, boot: DictConfig) -> dict:
         """The record's metrics, per-class metrics and bootstrap (CIs and replicates, as lists)."""
         labels = self.task.labels
@@ -86,14 +90,18 @@ class SampleMeanResult:
     extra: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
 
-    def numbers(self, boot: DictConfig) -> dict:
-        draws = bootstrap_means(self.values, int(boot.resamples), int(boot.seed), float(boot.confidence))
-        metrics = {}
+    def metrics(self) -> dict[str, float]:
+        """Each metric's mean over the samples it covers (NaN where it covers none)."""
+        out = {}
         for name, v in self.values.items():
             v = np.asarray(v, dtype=float)
-            metrics[name] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+            out[name] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+        return out
+
+    def numbers(self, boot: DictConfig) -> dict:
+        draws = bootstrap_means(self.values, int(boot.resamples), int(boot.seed), float(boot.confidence))
         return {
-            "metrics": metrics, "per_class": {}, "n_test": self.n_test, "chosen": dict(self.chosen),
+            "metrics": self.metrics(), "per_class": {}, "n_test": self.n_test, "chosen": dict(self.chosen),
             "rare_classes": {},
             "bootstrap": {"resamples": draws["resamples"], "seed": draws["seed"], "confidence": draws["confidence"],
                           "test_ids_sha256": ids_sha256(self.test_ids), "ci": draws["ci"],

@@ -36,7 +36,7 @@ def announce(cfg: DictConfig) -> None:
 
     for evaluated in evaluated_datasets(cfg):
         for kind, name in same_dataset_sources(cfg, evaluated):
-            print(f"bench: data.corpus.{kind} reads {name}, and eval.datasets evaluates {evaluated}: its labels or "
+            print(f"bench: data.corpus.{kind} reads {name}, and the evaluation reads {evaluated}: its labels or "
                   f"images are seen in pretraining, so its records are marked contaminated "
                   f"(set data.corpus.{kind} to a dataset that is not evaluated to avoid it)", file=sys.stderr)
 

@@ -22,7 +22,7 @@ from bench.core.registry import PROTOCOLS
 from bench.core.results import RANDOM_INIT, RecordKey, ResultsStore
 from bench.data.loading import LoadedDataset, load_dataset
 from bench.evaluation.features import FeatureCache
-from bench.evaluation.protocol import EvalContext, evaluated_datasets, run_protocol
+from bench.evaluation.protocol import EvalContext, evaluated_datasets, reads_reports, run_protocol
 from bench.experiment.config import ABSENT, ablation_changes, flatten_config
 from bench.experiment.contamination import pretraining_overlap
 from bench.experiment.identity import config_hash, eval_hash, pretrain_hash
@@ -114,10 +114,12 @@ def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, ke
                   provenance: dict | None, overlaps: dict[str, list[dict] | None],
                   sources: dict[str, LoadedDataset]) -> tuple[Path | None, dict[str, float]]:
     """One record: (its path, None on ranks other than 0; where the time went)."""
-    if key.dataset not in loaded:
+    reports = reads_reports(key.protocol, key.dataset)
+    name = f"{key.dataset} with reports" if reports else key.dataset
+    if name not in loaded:
         with distributed.main_first():
-            loaded[key.dataset] = load_dataset(cfg, key.dataset)
-    data = loaded[key.dataset]
+            loaded[name] = load_dataset(cfg, key.dataset, with_reports=reports)
+    data = loaded[name]
     if key.dataset not in overlaps:  # rank 0 writes the records, and alone reads the corpus to fill them
         overlaps[key.dataset] = contamination(cfg, subject, data, sources) if distributed.is_main() else None
     data.splits.used.clear()

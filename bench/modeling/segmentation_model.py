@@ -80,6 +80,11 @@ class SegmentationModel(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
             tokens = self.encoder.encode_patches(images)
+        return self.decode(tokens)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, W] patch tokens -> [B, size, size] logits (the decoder alone: a frozen encoder's tokens can be
+        computed once)."""
         return self.decoder(tokens, self.grid, self.size)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

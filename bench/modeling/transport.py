@@ -43,6 +43,7 @@ def local_similarity(patches: torch.Tensor, sentences: torch.Tensor, present: to
         c = cosine if plan_grad else cosine.detach()
         # a report without sentences is given a uniform dummy marginal, then scored 0 below
         b = torch.where(has[None, :, None], b, torch.full_like(b, 1.0 / b.shape[-1]))
-        plan = sinkhorn(1.0 - c.float(), a.float(), b.float(), eps, iterations).to(cosine.dtype)
-    similarity = (plan * cosine).sum((-1, -2))
+        plan = sinkhorn(1.0 - c.float(), a.float(), b.float(), eps, iterations)
+    # in fp32: a plan's entries are about 1 / (n m), too fine for bf16
+    similarity = (plan * cosine.float()).sum((-1, -2)).to(cosine.dtype)
     return torch.where(has[None, :], similarity, torch.zeros_like(similarity)), plan

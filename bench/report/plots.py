@@ -122,8 +122,9 @@ def mask_panel_data(records: list[dict], fraction: float | str | None = None,
                     datasets: str | Sequence[str] | None = None, methods: str | Sequence[str] | None = None,
                     images: int = MASK_PANEL_IMAGES) -> dict[tuple, dict]:
     """{(dataset, fraction): {"images": [(sample id, image path, true RLE)], "size": mask side, "rows": [(row,
-    [predicted RLE per image])]}} for the segmentation records: the `images` test images with the largest true
-    masks (then by id), and each row's first record (lowest pretraining and evaluation seed)."""
+    [predicted RLE per image], that row's mask side)]}} for the segmentation records: the `images` test images
+    with the largest true masks (then by id), and each row's first record (lowest pretraining and evaluation
+    seed); rows of models with another input size keep their own mask side."""
     selected = select_records(records, "segmentation", fraction, datasets, methods)
     frame = _order(assign_variants(load_frame(selected, "dice")))
     out: dict[tuple, dict] = {}
@@ -135,13 +136,14 @@ def mask_panel_data(records: list[dict], fraction: float | str | None = None,
             if path is None or not Path(path).exists():
                 continue
             pred = pd.read_csv(path, dtype={"sample_id": str, "true_rle": str, "pred_rle": str}).set_index("sample_id")
+            record = next(r for r in selected if r.get("record_path") == rows["record_path"].iloc[0])
+            size = int(record["chosen"]["mask_size"])
             if "images" not in panel:
                 chosen = pred.sort_values("true_pixels", ascending=False, kind="stable").head(images)
                 panel["images"] = [(sid, r["image_path"], r["true_rle"]) for sid, r in chosen.iterrows()]
-                record = next(r for r in selected if r.get("record_path") == rows["record_path"].iloc[0])
-                panel["size"] = int(record["chosen"]["mask_size"])
+                panel["size"] = size
             panel["rows"].append((label, [pred.at[sid, "pred_rle"] if sid in pred.index else "-1"
-                                          for sid, _, _ in panel["images"]]))
+                                          for sid, _, _ in panel["images"]], size))
         if panel["rows"]:
             out[(dataset, frac)] = panel
     if not out:
@@ -330,12 +332,14 @@ def figure_masks(panel: dict, dataset: str, fraction: float):
         except Exception:  # noqa: BLE001 - a moved or unreadable image: draw the masks on grey
             picture = np.full((size, size), 128, np.uint8)
         pictures.append((picture, rle_decode(true_rle, size, size)))
-    for r, (label, predicted) in enumerate([("image, true mask", None), *panel["rows"]]):
+    for r, (label, predicted, own) in enumerate([("image, true mask", None, size), *panel["rows"]]):
+        scaled = np.arange(size) * own // size  # a row of another input size: its masks resampled to the panel
         for c, ((picture, truth), (sid, _, _)) in enumerate(zip(pictures, shown)):
             ax = axes[r][c]
             ax.imshow(picture, cmap="gray", vmin=0, vmax=255)
             if predicted is not None:
-                ax.imshow(np.ma.masked_where(~rle_decode(predicted[c], size, size), np.ones((size, size))),
+                mask = rle_decode(predicted[c], own, own)[np.ix_(scaled, scaled)]
+                ax.imshow(np.ma.masked_where(~mask, np.ones((size, size))),
                           cmap="autumn", alpha=0.45, vmin=0, vmax=1)
             if truth.any():
                 ax.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)

@@ -10,7 +10,8 @@
   GLoRIA's and MGCA's version retrieves CheXpert reports, which are not public; so the items here are images,
   compared in the joint space.
 
-K is each of `ks`. CIs: a percentile bootstrap over queries (each direction resamples its own queries, with
+K is each of `ks`; ties count against the query (an irrelevant item scoring the same as a hit ranks first), and a
+split must hold more than max(ks) items. CIs: a percentile bootstrap over queries (each direction resamples its own queries, with
 the harness's resample indices, so two models on the same split are paired). The stored predictions hold each
 query's rank of its first hit (`first_hit`) or its hits among the first max(ks) (`hits@K`), from which every
 number recomputes.
@@ -78,60 +79,81 @@ def _result(queries: dict[str, pd.DataFrame], ks: list[int], extra: dict) -> Sam
 
 def first_hit_ranks(similarity: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """[queries] the 1-based rank of each query's best-ranked relevant item; similarity and relevant are
-    [queries, items]. Ties are ranked against the query: an item scoring the same as the hit counts as ahead."""
+    [queries, items]. Ties count against the query: an irrelevant item scoring the same as the hit ranks first."""
     best = np.where(relevant, similarity, -np.inf).max(1)
-    return (similarity >= best[:, None]).sum(1)  # items scoring at least the hit's score, the hit included
+    return 1 + ((similarity >= best[:, None]) & ~relevant).sum(1)
 
 
 def hits_at(similarity: np.ndarray, relevant: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
-    """{k: [queries] relevant items among each query's first k} (a stable order: ties keep the items' order)."""
-    order = np.argsort(-similarity, axis=1, kind="stable")[:, :max(ks)]
+    """{k: [queries] relevant items among each query's first k}; ties count against the query (irrelevant items
+    first), as in `first_hit_ranks`."""
+    order = np.lexsort((relevant, -similarity), axis=1)[:, :max(ks)]
     found = np.take_along_axis(relevant, order, axis=1)
     return {k: found[:, :k].sum(1) for k in ks}
 
 
-def _embeddings(ctx: EvalContext, data, split: str) -> tuple[pd.DataFrame, np.ndarray]:
+def _embeddings(ctx: EvalContext, split: str) -> tuple[pd.DataFrame, np.ndarray]:
     from bench.evaluation.protocols.zero_shot import _joint_embeddings
 
-    rows, features = ctx.features.get(ctx.method, data, split)
+    rows, features = ctx.features.get(ctx.method, ctx.data, split)
     if rows.empty:
-        raise UserError(f"retrieval: the {split} split of {data.name} is empty")
-    return rows, _joint_embeddings(ctx.method, features, ctx.device)
+        raise UserError(f"retrieval: the {split} split of {ctx.data.name} is empty")
+    embeddings = _joint_embeddings(ctx.method, features, ctx.device)
+    _finite(embeddings, f"the {split} images of {ctx.data.name}")
+    return rows, embeddings
+
+
+def _finite(embeddings: np.ndarray, what: str) -> None:
+    # a NaN similarity would rank every item below the hit: perfect recall for a broken model
+    if not np.isfinite(embeddings).all():
+        raise UserError(f"retrieval: the model's joint-space embeddings of {what} are not finite (NaN or inf)")
+
+
+def _enough(ks: list[int], items: int, what: str) -> None:
+    if items <= max(ks):
+        raise UserError(f"retrieval: {what} has {items} items to retrieve, not more than K={max(ks)} "
+                        f"(eval.retrieval.ks)")
+
+
+def _text_id(text: str) -> str:
+    import hashlib
+
+    return "report:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def retrieval(ctx: EvalContext) -> SampleMeanResult:
     from bench.core.registry import DATASETS
-    from bench.data.loading import load_dataset
     from bench.evaluation.protocols.zero_shot import _embed_texts
 
     ks = [int(k) for k in ctx.cfg.eval.retrieval.ks]
-    split, provides = ctx.report_split, DATASETS.get(ctx.data.name).provides
-    if "reports" in provides:
-        data = load_dataset(ctx.cfg, ctx.data.name, with_reports=True)
-        rows, images = _embeddings(ctx, data, split)
-        texts = rows["report"].fillna("").astype(str)
-        reports, owner = np.unique(texts.to_numpy(), return_inverse=True)
+    split, name = ctx.report_split, ctx.data.name
+    if "reports" in DATASETS.get(name).provides:
+        if "report" not in ctx.data.manifest.columns:
+            raise UserError(f"retrieval: {name} was loaded without its reports (load_dataset(with_reports=True))")
+        rows, images = _embeddings(ctx, split)
+        reports, owner = np.unique(rows["report"].astype(str).to_numpy(), return_inverse=True)
+        _enough(ks, min(len(reports), len(rows)), f"{name}'s {split} split ({len(rows)} images, "
+                                                   f"{len(reports)} distinct reports)")
         text_emb = _embed_texts(ctx.method, list(reports), ctx.device)
+        _finite(text_emb, f"the {split} reports of {name}")
         similarity = images @ text_emb.T
         relevant = owner[:, None] == np.arange(len(reports))[None, :]
         image_queries = pd.DataFrame({"query": rows["sample_id"].astype(str),
                                       "first_hit": first_hit_ranks(similarity, relevant)})
-        report_ids = [f"report:{i}" for i in range(len(reports))]
-        report_queries = pd.DataFrame({"query": report_ids,
+        report_queries = pd.DataFrame({"query": [_text_id(t) for t in reports],
                                        "first_hit": first_hit_ranks(similarity.T, relevant.T)})
         return _result({"i2t": image_queries, "t2i": report_queries}, ks,
                        {"retrieval": "image-report", "items": {"images": len(rows), "reports": len(reports)}})
-    rows, images = _embeddings(ctx, ctx.data, split)
+    rows, images = _embeddings(ctx, split)
     y = rows[ctx.data.task.labels].to_numpy(dtype=float)
     if not (y.sum(1) == 1).all():
-        raise UserError(f"retrieval: {ctx.data.name}'s {split} images do not each carry exactly one class")
-    if len(rows) <= max(ks):
-        raise UserError(f"retrieval: {ctx.data.name}'s {split} split has {len(rows)} images, not more than "
-                        f"K={max(ks)}")
+        raise UserError(f"retrieval: {name}'s {split} images do not each carry exactly one class")
+    _enough(ks, len(rows) - 1, f"{name}'s {split} split")
     classes = y.argmax(1)
     similarity = images @ images.T
     np.fill_diagonal(similarity, -np.inf)  # a query never retrieves itself
     relevant = classes[:, None] == classes[None, :]
+    np.fill_diagonal(relevant, False)
     hits = hits_at(similarity, relevant, ks)
     queries = pd.DataFrame({"query": rows["sample_id"].astype(str), **{f"hits@{k}": hits[k] for k in ks}})
     return _result({"i2i": queries}, ks, {"retrieval": "class-consistent", "items": {"images": len(rows)}})

@@ -6,8 +6,9 @@ upsampling decoder over its patch tokens (`bench.modeling.segmentation_model`), 
 AdamW on the shared trainer; `encoder: fine-tune` trains the encoder's image modules too, at
 `encoder_lr_multiplier` times the decoder's rate. Training images are the label fraction's frozen id list (the
 same as the linear probe's), with their masks at the model's input geometry (`input_mask`); the epoch with the
-best mean validation Dice is kept (early stopping after `patience` epochs without a better one); the test split
-is read once.
+best validation score is kept (`select_on`: by default the balanced Dice, the mean of the Dice over images
+with a finding and over images without; early stopping after `patience` epochs without a better one); a frozen
+encoder's validation tokens are computed once; the test split is read once.
 
 Metrics over the whole test split, per image then averaged (never per batch, never with the background class):
 `dice` (foreground Dice at `threshold`; an image with an empty mask scores 1 when the prediction is empty too,
@@ -52,23 +53,28 @@ class Segmentation(Protocol):
         "fractions": None,  # the label fractions it runs at (null: eval.fractions)
         "encoder": "frozen",  # frozen | fine-tune
         "decoder_width": 64,  # channels of the decoder's first stage (halved each stage)
-        "epochs": 10,
+        "epochs": 30,
         "batch_size": 16,
         "lr": 5.0e-4,  # the decoder's (MGCA); the encoder trains at lr x encoder_lr_multiplier with fine-tune
         "encoder_lr_multiplier": 0.1,
         "weight_decay": 0.05,
         "warmup_epochs": 0,
-        "patience": 3,  # epochs without a better val Dice before stopping; null = run every epoch
+        "patience": 5,  # epochs without a better validation score before stopping; null = run every epoch
+        # the validation score that picks the epoch: balanced (the mean of the Dice over images with a finding and
+        # over images without: neither predicting nothing nor predicting everywhere wins on a split of mostly
+        # negatives) | dice (the headline, which rewards empty predictions where negatives dominate) | dice_pos
         "dice_weight": 1.0,  # loss = BCE + dice_weight x (1 - soft Dice)
+        "select_on": "balanced",
         "threshold": 0.5,  # on the predicted probability
         "precision": "auto",
         "keep_weights": False,
     }
-    setting_checks = {"datasets": dataset_list, "fractions": label_fractions, "encoder": one_of(("frozen", "fine-tune")),
-                      "decoder_width": integer(1), "epochs": integer(1), "batch_size": integer(1),
+    setting_checks = {"datasets": dataset_list, "fractions": label_fractions,
+                      "encoder": one_of(("frozen", "fine-tune")), "decoder_width": integer(1), "epochs": integer(1), "batch_size": integer(1),
                       "lr": number(0, low_open=True), "encoder_lr_multiplier": number(0), "weight_decay": number(0),
                       "warmup_epochs": number(0), "patience": integer(1, null=True), "dice_weight": number(0),
                       "threshold": number(0, 1, low_open=True, high_open=True),
+                      "select_on": one_of(("balanced", "dice", "dice_pos")),
                       "precision": one_of(("auto", "bf16", "fp32"))}
 
     @classmethod
@@ -83,6 +89,14 @@ class Segmentation(Protocol):
     def remove_outputs(cls, cfg: DictConfig, folder: Path) -> None:
         if not cfg.eval.segmentation.keep_weights:
             remove_weights(folder)
+
+
+# frozen patch tokens of the validation split are kept in memory up to this size, else re-encoded each epoch
+TOKEN_CACHE_BYTES = 1 << 30
+
+
+def cached_tokens_too_large(rows: pd.DataFrame, model) -> bool:
+    return len(rows) * model.grid ** 2 * model.encoder.image_tower.width * 4 > TOKEN_CACHE_BYTES
 
 
 def masks_of(ctx: EvalContext, rows: pd.DataFrame) -> np.ndarray:
@@ -126,6 +140,18 @@ def mask_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarra
     return {"dice": dice, "dice_pos": np.where(t.any(1), dice, np.nan), "iou": iou}
 
 
+def selection_score(scores: dict[str, np.ndarray], rule: str) -> float:
+    """The validation score of `rule` (eval.segmentation.select_on) from `mask_scores`; NaN where undefined."""
+    dice, positive = scores["dice"], np.isfinite(scores["dice_pos"])
+    if rule == "dice":
+        return float(dice.mean())
+    if rule == "dice_pos":
+        return float(dice[positive].mean()) if positive.any() else float("nan")
+    parts = [dice[positive].mean() if positive.any() else np.nan,
+             dice[~positive].mean() if (~positive).any() else np.nan]
+    return float(np.nanmean(parts)) if np.isfinite(parts).any() else float("nan")
+
+
 def scores_from_predictions(frame: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
     """The per-image metrics of stored predictions (their run-length codes), as the record computed them."""
     from bench.data.rle import rle_decode
@@ -159,6 +185,8 @@ def segment(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Samp
     seed_everything(seed)  # the decoder's initialisation
     model = SegmentationModel(ctx.method, int(sg.decoder_width), sg.encoder == "fine-tune",
                               float(sg.encoder_lr_multiplier), float(sg.dice_weight)).to(ctx.device)
+    if distributed.world_size() > 1:  # the decoder's batch norm over the global batch, as in one process
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train = MaskedImageDataset(parts["train"]["image_path"], masks["train"], parts["train"]["sample_id"],
                                data.preprocessor(augment=False), data.cache, seed)
     world = distributed.world_size()
@@ -177,15 +205,28 @@ def segment(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Samp
         "accumulate": 1, "precision": sg.precision, "checkpoint_every": 10**9})
     threshold = float(sg.threshold)
 
-    def predicted(m: SegmentationModel, split: str) -> np.ndarray:
-        return image_outputs(m, parts[split], lambda x: m.predict(x) >= threshold, data.preprocessor(augment=False),
-                             data.cache, int(ctx.cfg.eval.batch_size), ctx.device, ctx.num_workers) > 0.5
+    batch = int(ctx.cfg.eval.batch_size)
+    # a frozen encoder's patch tokens are the same every epoch: the validation images are encoded once
+    frozen_tokens = {}
+    if sg.encoder == "frozen" and not cached_tokens_too_large(parts["val"], model):
+        frozen_tokens["val"] = torch.from_numpy(image_outputs(
+            model.encoder, parts["val"], model.encoder.encode_patches, data.preprocessor(augment=False), data.cache,
+            batch, ctx.device, ctx.num_workers))
 
-    def val_dice(m: SegmentationModel) -> float:
-        return float(mask_scores(masks["val"], predicted(m, "val"))["dice"].mean())
+    def predicted(m: SegmentationModel, split: str) -> np.ndarray:
+        if split in frozen_tokens:
+            m.eval()
+            with torch.no_grad():
+                return np.concatenate([(m.decode(t.to(ctx.device)).float().sigmoid() >= threshold).cpu().numpy()
+                                       for t in frozen_tokens[split].split(batch)])
+        return image_outputs(m, parts[split], lambda x: m.predict(x) >= threshold, data.preprocessor(augment=False),
+                             data.cache, batch, ctx.device, ctx.num_workers) > 0.5
+
+    def val_score(m: SegmentationModel) -> float:
+        return selection_score(mask_scores(masks["val"], predicted(m, "val")), str(sg.select_on))
 
     patience = None if sg.patience is None else int(sg.patience)
-    stopper = EarlyStopping(val_dice, patience, run_dir / BEST)
+    stopper = EarlyStopping(val_score, patience, run_dir / BEST)
     speed = replace(Speed.resolve(ctx.cfg.runtime.get("speed"), ctx.device), compile=False)
     trainer = Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers, speed=speed,
                       flops=False)
@@ -200,7 +241,8 @@ def segment(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Samp
                           "true_pixels": truth.reshape(len(truth), -1).sum(1),
                           "pred_pixels": test_pred.reshape(len(test_pred), -1).sum(1),
                           "true_rle": [rle_encode(m) for m in truth], "pred_rle": [rle_encode(m) for m in test_pred]})
-    chosen = {"best_epoch": stopper.best_epoch, "val_dice": stopper.best, "val_dice_by_epoch": stopper.history,
+    chosen = {"best_epoch": stopper.best_epoch, "select_on": str(sg.select_on), "val_score": stopper.best,
+              "val_score_by_epoch": stopper.history,
               "epochs_run": len(stopper.history), "n_train": len(train), "batch_size": batch_size,
               "encoder": str(sg.encoder), "threshold": threshold, "mask_size": int(truth.shape[-1])}
     extra = {"positives": {"test": int(truth.reshape(len(truth), -1).any(1).sum()),

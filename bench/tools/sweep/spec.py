@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -107,13 +107,18 @@ class Objective:
     fraction: float = 1.0
 
     @classmethod
-    def parse(cls, spec: str, default_datasets: list[str]) -> "Objective":
+    def parse(cls, spec: str, default_datasets: list[str] | Callable[[str], list[str]]) -> "Objective":
+        """`default_datasets`: the datasets when the spec names none, or a function of the protocol giving them
+        (`Protocol.datasets`: a protocol's own datasets, or those of eval.datasets it applies to)."""
         from bench.core.registry import DATASETS
 
         parts = spec.split(":")
         protocols = PROTOCOLS.names()
         if len(parts) == 2 or (len(parts) == 3 and parts[0] in protocols):
-            parts = [",".join(default_datasets), *parts]
+            named = parts[0] if parts[0] in protocols else None
+            defaults = default_datasets(named) if callable(default_datasets) and named else \
+                ([] if callable(default_datasets) else default_datasets)
+            parts = [",".join(defaults), *parts]
         if len(parts) not in (3, 4):
             raise UserError(f"--objective {spec!r}: expected [DATASETS:]PROTOCOL:METRIC[:FRACTION], e.g. "
                             f"rsna,chexpert:linear-probe:auc")

@@ -126,25 +126,25 @@ class TrialValidation:
 def validation_score(cfg: DictConfig, objective: Objective, device, run_dir: Path):
     """A function (model, during_training) -> the objective on the datasets' validation splits. A fine-tune
     objective is tracked during pretraining by the linear probe, which trains nothing; its fine-tuning runs
-    of the pretrained model live in the trial's run folder, so a resumed trial resumes them."""
+    of the pretrained model live in the trial's run folder, so a resumed trial resumes them. An objective
+    the linear probe cannot track (segmentation's Dice) is not tracked during training (`tracks_training`)."""
     from bench.data.loading import load_dataset
     from bench.evaluation.features import FeatureCache
-    from bench.evaluation.metrics import task_metrics
-    from bench.evaluation.protocol import EvalContext, run_protocol
+    from bench.evaluation.protocol import EvalContext, reads_reports, run_protocol
     from bench.experiment.identity import eval_hash
     from bench.train.speed import loader_workers
 
     workers, datasets = loader_workers(cfg.runtime.num_workers, device), {}
-    tracked = "linear-probe" if not PROTOCOLS.get(objective.protocol).frozen else objective.protocol
+    tracked = tracked_protocol(objective)
 
     def score(method, during_training: bool = False) -> float:
-        protocol = tracked if during_training else objective.protocol
+        protocol = tracked if during_training and tracked else objective.protocol
         jobs = PROTOCOLS.get(protocol).jobs([objective.fraction], cfg.eval.seeds)
         features = FeatureCache(None, int(cfg.eval.batch_size), device, workers)  # weights change every epoch
         values = []
         for name in objective.datasets:
             if name not in datasets:
-                datasets[name] = load_dataset(cfg, name)
+                datasets[name] = load_dataset(cfg, name, with_reports=reads_reports(protocol, name))
             data = datasets[name]
             ctx = EvalContext(method, data, cfg, device, features, workers, report_split="val")
             for fraction, seed in jobs:
@@ -152,12 +152,20 @@ def validation_score(cfg: DictConfig, objective: Objective, device, run_dir: Pat
                     f"{name}-f{fraction:g}-e{seed}-{eval_hash(cfg, protocol, name)[:8]}")
                 result = run_protocol(ctx, protocol, fraction, seed, folder)
                 PROTOCOLS.get(protocol).remove_outputs(cfg, folder)
-                metrics = task_metrics(data.task.kind, result.y, result.scores, data.task.labels, result.thresholds)[0]
-                values.append(float(metrics.get(objective.metric, float("nan"))))
+                values.append(float(result.metrics().get(objective.metric, float("nan"))))
         defined = [v for v in values if not math.isnan(v)]
         return float(np.mean(defined)) if defined else float("nan")
 
     return score
+
+
+def tracked_protocol(objective: Objective) -> str | None:
+    """What scores the objective after each pretraining epoch: the objective's own protocol when it trains
+    nothing, else the linear probe where it has the metric, else nothing (the trial is scored once, at the end)."""
+    own = PROTOCOLS.get(objective.protocol)
+    if own.frozen:
+        return objective.protocol
+    return "linear-probe" if PROTOCOLS.get("linear-probe").is_metric(objective.metric) else None
 
 
 class SurplusTrial(Exception):
@@ -219,7 +227,8 @@ def make_objective(spec: SweepSpec, store, device):
                 # seed i reports after seed i-1's last epoch: a step budget runs at most `steps` epochs
                 budget = cfg.trainer.budget
                 epochs = int(budget.steps) if budget.get("steps") else int(budget.epochs)
-                hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * epochs)
+                hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * epochs) \
+                    if tracked_protocol(spec.objective) else None
                 method, final = pretrain(cfg, store, device, hook)
                 per_seed[str(seed)] = score(method)
                 trial.set_user_attr("runs", {**trial.user_attrs.get("runs", {}), str(seed): str(final.parent)})
