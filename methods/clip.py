@@ -31,8 +31,22 @@ def add_joint_space(method: Method, cfg: DictConfig) -> None:
     method.max_logit_scale = math.log(m.max_logit_scale)
 
 
+class JointSpaceEncoders:
+    """The evaluators' side of a method whose towers and joint space are named as `add_joint_space` names them:
+    the image tower's pooled features, and both towers' L2-normalised projections."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_tower(images)[0]
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(features), dim=-1)
+
+    def embed_text(self, text: TextBatch) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_tower(text)[0]), dim=-1)
+
+
 @register_method("clip")
-class CLIP(Method):
+class CLIP(JointSpaceEncoders, Method):
     setting_checks: ClassVar[dict[str, Check]] = {**JOINT_SPACE_CHECKS, "pairing": one_of(PAIRINGS)}
     init_settings = ("temperature",)  # the towers come from the model's config; the logit scale from this
 
@@ -44,15 +58,6 @@ class CLIP(Method):
         add_joint_space(self, cfg)
         if m.freeze_text:
             self.text_tower.requires_grad_(False)
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_tower(images)[0]
-
-    def project_image(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(features), dim=-1)
-
-    def embed_text(self, text: TextBatch) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_tower(text)[0]), dim=-1)
 
     def training_step(self, batch: Batch) -> StepOutput:
         scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()

@@ -39,7 +39,7 @@ from bench.core.errors import UserError
 from bench.core.registry import register_method
 from bench.data.batch import Batch, TextBatch
 from bench.data.corpus import CorpusCollate, Sentences
-from bench.methods.clip import JOINT_SPACE_CHECKS, add_joint_space
+from bench.methods.clip import JOINT_SPACE_CHECKS, JointSpaceEncoders, add_joint_space
 from bench.modeling.decoders import ImageDecoder, masked_patch_loss
 from bench.modeling.losses import gather_ids, gather_with_grad, integrity_contrastive_loss
 from bench.modeling.masking import mask_counts, select_patches
@@ -51,7 +51,7 @@ INTEGRITY_USES = ("weight", "soften")
 
 
 @register_method("mlip")
-class MLIP(Method):
+class MLIP(JointSpaceEncoders, Method):
     # the towers, then the joint space (temperature), are built first; every other switch builds modules after them
     init_settings = ("temperature",)
     setting_checks: ClassVar[dict[str, Check]] = {
@@ -105,16 +105,6 @@ class MLIP(Method):
                                               self.image_tower.patch_size ** 2, dec.width, dec.layers, dec.heads)
         if m.freeze_text:
             self.text_tower.requires_grad_(False)
-
-    # --- what evaluators use -------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_tower(images)[0]
-
-    def project_image(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(features), dim=-1)
-
-    def embed_text(self, text: TextBatch) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_tower(text)[0]), dim=-1)
 
     def make_collate(self) -> CorpusCollate:
         if not self.psm:
