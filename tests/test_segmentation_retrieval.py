@@ -15,7 +15,7 @@ from bench.core.errors import UserError
 from bench.core.registry import PROTOCOLS
 from bench.data.finding_masks import input_mask
 from bench.evaluation.protocols.retrieval import first_hit_ranks, hits_at, per_query_values
-from bench.evaluation.protocols.segmentation import mask_scores, scores_from_predictions
+from bench.evaluation.protocols.segmentation import mask_scores, scores_from_predictions, selection_score
 from bench.evaluation.result import SampleMeanResult
 from bench.experiment.evaluating import Subject, evaluation_plan
 from bench.tools.sweep.spec import Objective
@@ -40,6 +40,27 @@ def test_dice_iou_and_dice_on_positives_against_hand_counts():
     lo, hi = numbers["bootstrap"]["ci"]["dice"]
     assert 0 <= lo <= numbers["metrics"]["dice"] <= hi <= 1
     assert len(numbers["bootstrap"]["replicates"]["dice_pos"]) == 50
+
+
+def test_the_default_epoch_selection_prefers_no_degenerate_prediction():
+    # a val split of mostly negatives: 1 image with a 4-pixel finding, 3 without
+    truth = np.zeros((4, 4, 4), bool)
+    truth[0, :2, :2] = True
+    nothing, everywhere, found = np.zeros_like(truth), np.ones_like(truth), truth.copy()
+    half = truth.copy()
+    half[0, 0, :2] = False  # half the finding, nothing elsewhere
+    assert selection_score(truth, nothing, "pooled") == 0.0
+    assert selection_score(truth, everywhere, "pooled") == pytest.approx(2 * 4 / (4 + 64))
+    assert selection_score(truth, half, "pooled") == pytest.approx(2 * 2 / (4 + 2))
+    assert selection_score(truth, found, "pooled") == 1.0
+    # why pooled is the default: the per-image rules credit degenerate predictions (nothing scores 0.5 balanced and
+    # beats everywhere on the headline Dice; dice_pos cannot see false positives on negatives)
+    assert selection_score(truth, nothing, "dice") > selection_score(truth, everywhere, "dice")
+    assert selection_score(truth, nothing, "balanced") == 0.5
+    assert selection_score(truth, half, "balanced") == pytest.approx((2 / 3 + 1) / 2)
+    assert selection_score(truth, everywhere, "dice_pos") == pytest.approx(2 * 4 / (4 + 16))  # blind to negatives
+    assert np.isnan(selection_score(np.zeros_like(truth), nothing, "pooled"))
+    assert PROTOCOLS.get("segmentation").defaults["select_on"] == "pooled"
 
 
 def test_recall_and_precision_at_k_against_hand_counts():

@@ -6,9 +6,9 @@ upsampling decoder over its patch tokens (`bench.modeling.segmentation_model`), 
 AdamW on the shared trainer; `encoder: fine-tune` trains the encoder's image modules too, at
 `encoder_lr_multiplier` times the decoder's rate. Training images are the label fraction's frozen id list (the
 same as the linear probe's), with their masks at the model's input geometry (`input_mask`); the epoch with the
-best validation score is kept (`select_on`: by default the balanced Dice, the mean of the Dice over images
-with a finding and over images without; early stopping after `patience` epochs without a better one); a frozen
-encoder's validation tokens are computed once; the test split is read once.
+best validation score is kept (`select_on`: by default the pooled Dice, the Dice of all validation pixels
+at once, which neither an empty nor an everywhere prediction can win; early stopping after `patience` epochs
+without a better one); a frozen encoder's validation tokens are computed once; the test split is read once.
 
 Metrics over the whole test split, per image then averaged (never per batch, never with the background class):
 `dice` (foreground Dice at `threshold`; an image with an empty mask scores 1 when the prediction is empty too,
@@ -60,11 +60,13 @@ class Segmentation(Protocol):
         "weight_decay": 0.05,
         "warmup_epochs": 0,
         "patience": 5,  # epochs without a better validation score before stopping; null = run every epoch
-        # the validation score that picks the epoch: balanced (the mean of the Dice over images with a finding and
-        # over images without: neither predicting nothing nor predicting everywhere wins on a split of mostly
-        # negatives) | dice (the headline, which rewards empty predictions where negatives dominate) | dice_pos
+        # the validation score that picks the epoch: pooled (the Dice of every validation pixel at once: predicting
+        # nothing scores 0, predicting everywhere near 0) | balanced (the mean of the Dice over images with a finding
+        # and over images without; an empty prediction scores 0.5 there, so a weak decoder's best epoch is often
+        # the one that predicts nothing) | dice (the headline, which rewards empty predictions where negatives
+        # dominate) | dice_pos (rewards predicting everywhere)
         "dice_weight": 1.0,  # loss = BCE + dice_weight x (1 - soft Dice)
-        "select_on": "balanced",
+        "select_on": "pooled",
         "threshold": 0.5,  # on the predicted probability
         "precision": "auto",
         "keep_weights": False,
@@ -74,7 +76,7 @@ class Segmentation(Protocol):
                       "lr": number(0, low_open=True), "encoder_lr_multiplier": number(0), "weight_decay": number(0),
                       "warmup_epochs": number(0), "patience": integer(1, null=True), "dice_weight": number(0),
                       "threshold": number(0, 1, low_open=True, high_open=True),
-                      "select_on": one_of(("balanced", "dice", "dice_pos")),
+                      "select_on": one_of(("pooled", "balanced", "dice", "dice_pos")),
                       "precision": one_of(("auto", "bf16", "fp32"))}
 
     @classmethod
@@ -140,8 +142,12 @@ def mask_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarra
     return {"dice": dice, "dice_pos": np.where(t.any(1), dice, np.nan), "iou": iou}
 
 
-def selection_score(scores: dict[str, np.ndarray], rule: str) -> float:
-    """The validation score of `rule` (eval.segmentation.select_on) from `mask_scores`; NaN where undefined."""
+def selection_score(truth: np.ndarray, predicted: np.ndarray, rule: str) -> float:
+    """The validation score of `rule` (eval.segmentation.select_on) of [n, H, W] bool masks; NaN where undefined."""
+    if rule == "pooled":
+        sizes = int(truth.sum()) + int(predicted.sum())
+        return 2.0 * int((truth & predicted).sum()) / sizes if sizes else float("nan")
+    scores = mask_scores(truth, predicted)
     dice, positive = scores["dice"], np.isfinite(scores["dice_pos"])
     if rule == "dice":
         return float(dice.mean())
@@ -223,7 +229,7 @@ def segment(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Samp
                              data.cache, batch, ctx.device, ctx.num_workers) > 0.5
 
     def val_score(m: SegmentationModel) -> float:
-        return selection_score(mask_scores(masks["val"], predicted(m, "val")), str(sg.select_on))
+        return selection_score(masks["val"], predicted(m, "val"), str(sg.select_on))
 
     patience = None if sg.patience is None else int(sg.patience)
     stopper = EarlyStopping(val_score, patience, run_dir / BEST)
