@@ -13,3 +13,16 @@ if (_checkout / "methods").is_dir() and not (_Path(__file__).resolve().parent / 
     __path__.append(str(_checkout))
 
 __version__ = "0.1.0"
+
+# the public API (bench.tools.model, in the tools layer: it stands on everything below)
+_PUBLIC = {"EmbeddingModel": "bench.tools.model", "MMCLIPModel": "bench.tools.model", "load_model": "bench.tools.model"}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    # imported on first use: `import bench` (every CLI call) must not import torch
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'bench' has no attribute {name!r}")

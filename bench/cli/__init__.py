@@ -16,7 +16,7 @@ from bench.core.errors import TrainingDiverged, UserError
 VERBS = {"run": commands.verb_run, "eval": commands.verb_eval, "sweep": commands.verb_sweep,
          "suite": commands.verb_suite, "table": commands.verb_table, "plot": commands.verb_plot,
          "data": commands.verb_data, "mask": commands.verb_mask, "profile": commands.verb_profile,
-         "list": commands.verb_list}
+         "export": commands.verb_export, "list": commands.verb_list}
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

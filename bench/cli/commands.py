@@ -7,6 +7,8 @@ import sys
 
 from bench.core.errors import UserError
 
+QUIET_OVERRIDE = "runtime.progress=quiet"  # what --quiet sets
+
 
 def verb_run(args: argparse.Namespace) -> None:
     from bench.experiment.chain import run_experiment
@@ -17,6 +19,8 @@ def verb_run(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.results_dir:
         overrides.append(f"results_dir={args.results_dir}")
+    if args.quiet:
+        overrides.append(QUIET_OVERRIDE)
     cfg = compose_config(args.method, args.ablation, args.seed, overrides)
     store = run_experiment(cfg, force=args.force)
     if not args.no_table and is_main():
@@ -54,7 +58,7 @@ def verb_sweep(args: argparse.Namespace) -> None:
     spec = SweepSpec(args.method, args.ablation, [parse_param(p, base) for p in args.param],
                      Objective.parse(args.objective, lambda p: PROTOCOLS.get(p).datasets(base)),
                      seed_list(args.seeds, "--seeds"), overrides, args.trials, args.sampler, args.pruner, args.sampler_seed, args.results_dir,
-                     args.study_name, args.storage)
+                     args.study_name, args.storage, progress="quiet" if args.quiet else None)
     if args.finalize:
         seeds = seed_list(args.final_seeds, "--final-seeds") if args.final_seeds else spec.seeds
         written = finalize(spec, seeds, args.force)
@@ -69,6 +73,7 @@ def verb_sweep(args: argparse.Namespace) -> None:
 
 
 def verb_eval(args: argparse.Namespace) -> None:
+    from bench.core.progress import QUIET, display_mode
     from bench.experiment.checkpoints import load_checkpoint
     from bench.experiment.evaluating import evaluate, report_timing
     from bench.experiment.setup import quiet_libraries, start
@@ -92,12 +97,22 @@ def verb_eval(args: argparse.Namespace) -> None:
         overrides.append(f"eval.seeds=[{','.join(map(str, seed_list(args.seeds, '--seeds')))}]")
     if args.results_dir:
         overrides.append(f"results_dir={args.results_dir}")
+    if args.quiet:
+        overrides.append(QUIET_OVERRIDE)
     cfg, method, subject = load_checkpoint(args.checkpoint, overrides, args.open_clip_config)
     device, store = start(cfg.runtime, cfg.results_dir)
     summary = evaluate(cfg, method.to(device), subject, store, device, args.force)
-    report_timing(subject, summary)
+    report_timing(subject, summary, quiet=display_mode(cfg.runtime.progress) == QUIET)
     for path in summary["written"]:
         print(path)
+
+
+def verb_export(args: argparse.Namespace) -> None:
+    from bench.tools.export import export_run
+    from bench.experiment.setup import quiet_libraries
+
+    quiet_libraries()
+    print(export_run(args.run_dir, args.out))
 
 
 def verb_table(args: argparse.Namespace) -> None:

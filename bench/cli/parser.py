@@ -25,6 +25,10 @@ EPILOG = """examples:
 """
 
 
+QUIET_HELP = ("no progress (runtime.progress=quiet): only warnings, errors and results; by default a bar on a "
+              "terminal, else one line per finished step")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's errors as one line, like every other error of the command line."""
 
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default=None, help="results root (default: ./results)")
     run.add_argument("--force", action="store_true", help="re-run evaluations that already have a record")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     run.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides")
 
     sweep = sub.add_parser(
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="retrain the best trial's configuration and evaluate it on test")
     sweep.add_argument("--final-seeds", default=None, help="pretraining seeds of --finalize (default: --seeds)")
     sweep.add_argument("--force", action="store_true", help="--finalize: re-run evaluations that have a record")
+    sweep.add_argument("--quiet", action="store_true", help=QUIET_HELP + "; the study's name stays the same")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides for every trial")
 
     ev = sub.add_parser("eval", help="evaluate an existing checkpoint (ours, or an open_clip CLIP model)",
@@ -120,7 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--open-clip-config", default=None, help="an open_clip model config JSON for a custom MODEL")
     ev.add_argument("--results-dir", default=None, help="results root (default: ./results)")
     ev.add_argument("--force", action="store_true", help="re-run evaluations that already have a record")
+    ev.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="overrides")
+
+    export = sub.add_parser(
+        "export", help="write a finished run as a self-contained model folder (safetensors, config, tokenizer, card)",
+        description="Write RUN_DIR's final weights as a folder that loads with no results folder, no config tree and "
+                    "no network: model.safetensors, config.json (method, preset, embedding size, preprocessing, "
+                    "provenance), the tokenizer's files, cost.json and a model card (README.md) with the run's "
+                    "evaluation tables. bench.load_model(DIR) and `bench eval --checkpoint DIR` read it; the folder "
+                    "has the Hugging Face hub's layout, so it uploads as it is.",
+        epilog="examples: bench export results/runs/mmclip-none-0123456789-seed0 --out exports/mmclip; then in "
+               "Python: from bench import MMCLIPModel; MMCLIPModel.from_pretrained('exports/mmclip')")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (results/runs/...) or its final.pt")
+    export.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
 
     suite = sub.add_parser(
         "suite", help="run a grid of experiments from a suite file (resumable, splittable across workers)",
@@ -136,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "results folder (default: 1/1)")
     suite.add_argument("--dry-run", action="store_true", help="print the plan and what is left; train nothing")
     suite.add_argument("--results-dir", default=None, metavar="DIR", help="results root (default: ./results)")
+    suite.add_argument("--quiet", action="store_true", help=QUIET_HELP + " (the summary stays)")
     suite.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides for every run")
 
     table = sub.add_parser("table", help="aggregate records into a table (mean±std over seeds, CIs, tests)",

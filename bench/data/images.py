@@ -56,15 +56,28 @@ def _read_dicom(path: Path) -> np.ndarray:
     return 255 - out if photometric == "MONOCHROME1" else out
 
 
+def pil_to_gray(im: Image.Image) -> np.ndarray:
+    """A PIL image (8 or 16 bit, L/RGB/RGBA/P) as the 2-D uint8 array `read_image` gives for its file."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_uint8(np.asarray(im))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent pixels read as black, not white
+        im = Image.alpha_composite(bg, im)
+    return np.asarray(im.convert("L"))
+
+
+def array_to_gray(arr: np.ndarray) -> np.ndarray:
+    """A 2-D array of any numeric type as a 2-D uint8 array: uint8 as it is, anything else (16-bit, float, bool)
+    stretched over 0-255 as a 16-bit file's pixels are."""
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {tuple(arr.shape)}")
+    return arr if arr.dtype == np.uint8 else _to_uint8(arr)
+
+
 def _read_pil(path: Path) -> np.ndarray:
     with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return _to_uint8(np.asarray(im))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent pixels read as black, not white
-            im = Image.alpha_composite(bg, im)
-        return np.asarray(im.convert("L"))
+        return pil_to_gray(im)
 
 
 def _is_dicom(path: Path) -> bool:

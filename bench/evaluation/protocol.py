@@ -77,6 +77,12 @@ class Protocol:
         return any(name in names for names in METRICS.values())
 
     @classmethod
+    def headline_metrics(cls, present: Sequence[str]) -> list[str]:
+        """Of the metrics `present` in its records, those a report shows when the reader names none of them: by
+        default the AUC, the field's headline for classification."""
+        return [m for m in ("auc",) if m in present]
+
+    @classmethod
     def applies_to(cls, dataset: str) -> bool:
         """Whether it runs on `dataset` (a registered name), known from the adapter's declarations alone."""
         from bench.core.registry import DATASETS

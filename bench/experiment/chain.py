@@ -8,6 +8,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from bench.core.progress import QUIET, display_mode
 from bench.core.results import ResultsStore
 from bench.experiment.contamination import announce
 from bench.experiment.evaluating import Subject, evaluate, random_init_subject, report_timing, subject_of_run
@@ -41,5 +42,6 @@ def run_experiment(cfg: DictConfig, force: bool = False) -> ResultsStore:
     """`bench run`: pretrain (or resume, or reuse) and evaluate; also evaluate the same architecture untrained."""
     device, store = start(cfg.runtime, cfg.results_dir)
     for random_init in (False, True) if cfg.eval.random_init_baseline else (False,):
-        report_timing(*pretrain_and_evaluate(cfg, store, device, random_init, force))
+        report_timing(*pretrain_and_evaluate(cfg, store, device, random_init, force),
+                      quiet=display_mode(cfg.runtime.progress) == QUIET)
     return store

@@ -1,5 +1,5 @@
-"""The models `bench eval` evaluates: one of our run folders (its own model, method and data settings), or
-an external open_clip-format CLIP model."""
+"""The models `bench eval` evaluates: one of our run folders (its own model, method and data settings), a
+folder `bench export` wrote, or an external open_clip-format CLIP model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.core.errors import UserError
 from bench.core.hashing import stable_hash
+from bench.core.io import file_sha256
 from bench.experiment.config import compose_config
 from bench.experiment.config_checks import check_config, check_known, override_keys, plain_config
 from bench.experiment.evaluating import Subject, subject_of_run
+from bench.experiment.export import WEIGHTS, is_export, read_config
 from bench.experiment.pretraining import build_method
 from bench.modeling.method import Method
 
@@ -52,15 +54,13 @@ def load_checkpoint(spec: str, overrides: list[str], open_clip_config: str | Non
         cfg.model.image = model.image_cfg
         digest = stable_hash(model.identity)
         return cfg, model, Subject("external", model.name, digest, 0, dict(model.identity), f"external-{digest[:16]}")
-    run_dir, weights = run_folder(spec)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    # the run's model, method and data over today's defaults (settings added since then get their default);
-    # how to evaluate is today's `eval` with the overrides, not what the run was evaluated with back then
-    for key in ("eval", "runtime", "results_dir"):
-        run_cfg.pop(key, None)
-    defaults = compose_config(str(run_cfg.method.name))
-    OmegaConf.set_struct(defaults, False)
-    made = OmegaConf.merge(defaults, run_cfg)
+    exported = is_export(spec)
+    if exported:
+        made, written = read_config(Path(spec))
+        weights = Path(spec).expanduser().resolve() / WEIGHTS
+    else:
+        run_dir, weights = run_folder(spec)
+        made = run_config(run_dir)
     check_known(override_keys(overrides), plain_config(made))
     try:
         cfg = OmegaConf.merge(made, OmegaConf.from_dotlist(overrides))
@@ -68,13 +68,39 @@ def load_checkpoint(spec: str, overrides: list[str], open_clip_config: str | Non
         raise UserError(f"bad override in {' '.join(overrides)}: {str(exc).strip().splitlines()[0]}") from None
     check_config(cfg, made, reads_corpus=False)
     method = build_method(cfg, int(cfg.seed))
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=False)["model"]
-        method.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched file gets the same clear message
-        raise UserError(f"{weights}: cannot load these weights into {cfg.method.name} ({exc})") from None
+    load_weights(method, weights)
+    if exported:  # the run it was exported from, whose records it shares: the same weights give the same numbers
+        ident = written["identity"]
+        digest = file_sha256(weights)
+        checkpoint = {"path": str(weights), "sha256": digest, "exported_from": ident["checkpoint"]}
+        return cfg, method, Subject(ident["method"], ident["ablation"], ident["pretrain_hash"],
+                                    int(ident["pretrain_seed"]), checkpoint, digest[:16])
     subject = subject_of_run(made, weights)  # the pretraining's identity, whatever the overrides say
     if weights.name != "final.pt":  # an unfinished run's weights are not its pretrained model: another variant
         subject = Subject(subject.method, subject.ablation, stable_hash([subject.pretrain_hash, subject.feature_key]),
                           subject.pretrain_seed, subject.checkpoint, subject.feature_key)
     return cfg, method, subject
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The run's model, method and data settings over today's defaults (settings added since then get their
+    default); how to evaluate and run is left to the caller (today's `eval`, not what the run was evaluated with)."""
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("eval", "runtime", "results_dir"):
+        run_cfg.pop(key, None)
+    defaults = compose_config(str(run_cfg.method.name))
+    OmegaConf.set_struct(defaults, False)
+    return OmegaConf.merge(defaults, run_cfg)
+
+
+def load_weights(method: Method, weights: Path) -> None:
+    """`weights` (a trainer's .pt, or an export's model.safetensors) into `method`; a UserError naming the file."""
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_model
+
+            load_model(method, str(weights))
+        else:
+            method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["model"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched file gets the same clear message
+        raise UserError(f"{weights}: cannot load these weights into {method.cfg.method.name} ({exc})") from None

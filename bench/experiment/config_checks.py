@@ -25,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core.checks import (Check, folder_or_null, integer, is_int, is_number, list_of, number, number_or_numbers,
                                one_of, show, switch, text)
 from bench.core.errors import UserError
+from bench.core.progress import SETTINGS as PROGRESS
 from bench.evaluation.protocol import evaluated_datasets
 from bench.data.synth import DIFFICULTIES, SIZES
+from bench.train.loggers import check_loggers
 
 # mappings whose keys are the user's to choose: Hugging Face config fields, label phrases, label files
 OPEN = ("model.text.config", "method.prompts.names", "data.covidx.label_files")
@@ -97,6 +99,10 @@ RULES: dict[str, Check] = {
     "runtime.num_workers": lambda k, v: None if v == "auto" or (is_int(v) and v >= 0) else "an integer >= 0 or auto",
     "runtime.decode_workers": integer(1, null=True),
     "runtime.threads": integer(1, null=True),
+    "runtime.loggers": check_loggers,
+    # true and false, its values before it had modes, still mean auto and quiet
+    "runtime.progress": lambda k, v: None if isinstance(v, bool) or v in PROGRESS else
+    "auto, bar, lines, quiet, true (auto) or false (quiet)",
     "runtime.speed.compile": switch,
     "runtime.speed.tf32": switch,
     "runtime.speed.channels_last": switch,

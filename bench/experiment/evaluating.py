@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.core.errors import UserError
 from bench.core.hashing import stable_hash, to_plain
 from bench.core.io import file_sha256, remove_stale_temporaries
+from bench.core.progress import ItemProgress, display_mode, say
 from bench.core.provenance import device_info, git_state, library_versions
 from bench.core.registry import PROTOCOLS
 from bench.core.results import RANDOM_INIT, RecordKey, ResultsStore
@@ -69,7 +70,8 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
              force: bool = False, provenance: dict | None = None) -> dict:
     """Every configured dataset x protocol x fraction x seed for one model; finished records are skipped
     unless `force`. `provenance` is added to every record (e.g. the sweep a model came from). Returns the
-    written record paths and where the time went.
+    written record paths and where the time went. Progress shows on stderr as `runtime.progress` says: how
+    many records run and how many are there, then each finished one with its headline metric and the ETA.
 
     Under torchrun (joined by `experiment.setup.start`) every rank evaluates (fine-tuning trains one DDP
     model) and rank 0 writes the records."""
@@ -93,27 +95,44 @@ def evaluate(cfg: DictConfig, method: torch.nn.Module, subject: Subject, store: 
     changes = ablation_record(cfg, subject)
     if changes is not None:
         provenance = {**(provenance or {}), "ablation_changes": changes}
-    for key in evaluation_plan(cfg, subject, method.joint_space):
-        if distributed.agree(store.exists(key, report=distributed.is_main())) and not force:
-            continue
-        # another process given the same work may be doing this record: wait for it and use its record
-        with distributed.holding(store.claim(key)):
-            if distributed.agree(store.exists(key, report=False)) and not force:
+    keys = evaluation_plan(cfg, subject, method.joint_space)
+    # counted before the first record runs, so that progress can say how many are left from the start
+    finished = [not force and distributed.agree(store.exists(key, report=distributed.is_main())) for key in keys]
+    mode = display_mode(cfg.runtime.progress, main=distributed.is_main())
+    if keys:
+        to_do, there = finished.count(False), finished.count(True)
+        say(mode, f"{subject.method}/{subject.ablation} seed {subject.pretrain_seed}: " + (
+            f"{to_do} record(s) to evaluate, {there} already there" if to_do else
+            f"all {there} record(s) already there"))
+    progress = ItemProgress(mode, finished.count(False))
+    try:
+        for key, done in zip(keys, finished):
+            if done:
                 continue
-            path, spent = _evaluate_one(cfg, method, subject, key, store, loaded, features, device, workers,
-                                        provenance, overlaps, sources)
-        if path is not None:
-            written.append(path)
-        for k, v in spent.items():
-            timing[k] = timing.get(k, 0.0) + v
+            # another process given the same work may be doing this record: wait for it and use its record
+            with distributed.holding(store.claim(key)):
+                if distributed.agree(store.exists(key, report=False)) and not force:
+                    progress.done_elsewhere()
+                    continue
+                progress.begin(record_label(key))
+                path, spent, outcome = _evaluate_one(cfg, method, subject, key, store, loaded, features, device,
+                                                     workers, provenance, overlaps, sources)
+            progress.finish(outcome)
+            if path is not None:
+                written.append(path)
+            for k, v in spent.items():
+                timing[k] = timing.get(k, 0.0) + v
+    finally:
+        progress.close()
     return {"written": written, "timing": timing, "encoder_passes": dict(features.encoded)}
 
 
 def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, key: RecordKey, store: ResultsStore,
                   loaded: dict[str, LoadedDataset], features: FeatureCache, device: torch.device, workers: int,
                   provenance: dict | None, overlaps: dict[str, list[dict] | None],
-                  sources: dict[str, LoadedDataset]) -> tuple[Path | None, dict[str, float]]:
-    """One record: (its path, None on ranks other than 0; where the time went)."""
+                  sources: dict[str, LoadedDataset]) -> tuple[Path | None, dict[str, float], str]:
+    """One record: (its path, None on ranks other than 0; where the time went; its headline metric, as
+    `headline` shows it)."""
     reports = reads_reports(key.protocol, key.dataset)
     name = f"{key.dataset} with reports" if reports else key.dataset
     if name not in loaded:
@@ -150,7 +169,20 @@ def _evaluate_one(cfg: DictConfig, method: torch.nn.Module, subject: Subject, ke
     distributed.barrier()  # every rank is done with what the protocol left in its folder before it goes
     if distributed.is_main():
         PROTOCOLS.get(key.protocol).remove_outputs(cfg, folder)
-    return path, spent
+    return path, spent, headline(numbers["metrics"], task.metric)
+
+
+def record_label(key: RecordKey) -> str:
+    """What a progress line calls a record: its dataset, protocol, label fraction and evaluation seed."""
+    return f"{key.dataset} {key.protocol} {key.fraction * 100:g}% seed {key.eval_seed}"
+
+
+def headline(metrics: dict, metric: str) -> str:
+    """A record's main number for its progress line, e.g. `auc 0.812`: the task's metric where the protocol
+    reports it, else the protocol's first (segmentation's Dice); empty where there is none."""
+    name = metric if metric in metrics else next(iter(metrics), None)
+    value = metrics.get(name)
+    return f"{name} {value:.3f}" if isinstance(value, (int, float)) else ""
 
 
 def ablation_record(cfg: DictConfig, subject: Subject) -> dict[str, list] | None:
@@ -225,9 +257,10 @@ def random_init_subject(cfg: DictConfig, method: Method | None = None) -> Subjec
     return Subject(RANDOM_INIT, cfg.method.name, arch, int(cfg.seed), weights, f"random-init-{arch[:12]}-s{cfg.seed}")
 
 
-def report_timing(subject: Subject, summary: dict) -> None:
+def report_timing(subject: Subject, summary: dict, quiet: bool = False) -> None:
+    """One line saying where an evaluation's time went; none when `quiet` (`runtime.progress=quiet`)."""
     t = summary["timing"]
-    if summary["written"]:
+    if summary["written"] and not quiet:
         print(f"bench: {subject.method} {subject.ablation}: {len(summary['written'])} record(s) in {t['total_s']:.1f} s "
               f"(encoding {t['encode_s']:.1f}, linear fits {t['fit_s']:.1f}, fine-tuning {t['fine_tune_s']:.1f}, "
               f"bootstrap {t['bootstrap_s']:.1f})", file=sys.stderr)

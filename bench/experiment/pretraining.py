@@ -164,7 +164,8 @@ def _train(cfg: DictConfig, method: Method, run_dir: Path, device: torch.device,
     method.prepare(corpus)
     probe = hit_rate_probe(cfg, corpus, method) if distributed.is_main() else None  # rank 0 alone logs
     trainer = Trainer(cfg.trainer, run_dir, device, cfg.runtime.progress,
-                      loader_workers(cfg.runtime.num_workers, device), Speed.resolve(cfg.runtime.speed, device))
+                      loader_workers(cfg.runtime.num_workers, device), Speed.resolve(cfg.runtime.speed, device),
+                      loggers=cfg.runtime.loggers)
     trainer.fit(method, corpus, method.make_collate(), sampler, cfg.seed, validation, probe)
 
 

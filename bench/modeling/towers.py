@@ -161,7 +161,7 @@ class TextTower(nn.Module):
 
     def __init__(self, cfg: DictConfig, vocab_size: int):
         super().__init__()
-        from transformers import AutoModel, BertConfig, BertModel
+        from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
         if cfg.get("pretrained"):
             source = resolve_text_source(cfg.pretrained)
@@ -173,7 +173,17 @@ class TextTower(nn.Module):
                 raise UserError(f"text tower {cfg.pretrained!r} could not be loaded ({source}): {exc}") from None
         else:
             arch = OmegaConf.to_container(cfg.config, resolve=True)
-            self.encoder = BertModel(BertConfig(vocab_size=vocab_size, **arch), add_pooling_layer=False)
+            # the presets give BERT fields alone; an exported model (bench/experiment/export.py) gives the whole
+            # config of the pretrained text model it was trained from, with its `model_type`
+            model_type = arch.pop("model_type", "bert")
+            if model_type == "bert":
+                self.encoder = BertModel(BertConfig(vocab_size=vocab_size, **arch), add_pooling_layer=False)
+            else:
+                config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
+                try:
+                    self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+                except TypeError:  # architectures without a pooler argument
+                    self.encoder = AutoModel.from_config(config)
         self.pooling = cfg.get("pooling", "cls")
         if self.pooling not in ("cls", "mean"):
             raise UserError(f"model.text.pooling must be 'cls' or 'mean', got {self.pooling!r}")

@@ -253,6 +253,7 @@ def render_plan(suite: Suite, units: list[Unit], store: ResultsStore, workers: i
 def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> dict:
     """Run this worker's units in order, each step skipped if finished; one line per unit, a summary at the
     end. A run that diverges is reported and the others go on; the command then fails."""
+    from bench.core.progress import QUIET, display_mode
     from bench.experiment.chain import pretrain_and_evaluate
     from bench.experiment.setup import start
 
@@ -260,6 +261,7 @@ def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> d
     who = f"worker {worker}/{workers}" if workers > 1 else "suite"
     # runtime and results_dir overrides apply to the whole suite
     device, store = start(units[0].cfg.runtime, units[0].cfg.results_dir)
+    quiet = display_mode(units[0].cfg.runtime.progress) == QUIET  # the units' lines are progress; errors stay
     provenance = {"suite": {"name": suite.name, "file": str(suite.path), "worker": f"{worker}/{workers}"}}
     counts = {"trained": 0, "resumed": 0, "written": 0, "skipped": 0, "finished": 0}
     diverged: list[str] = []
@@ -270,7 +272,8 @@ def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> d
         counts["skipped"] += len(unit.records) - len(left)
         if state in ("done", "-") and not left:
             counts["finished"] += 1
-            print(f"{head}: finished already", flush=True)
+            if not quiet:
+                print(f"{head}: finished already", flush=True)
             continue
         try:
             _, summary = pretrain_and_evaluate(unit.cfg, store, device, unit.kind == BASELINE, provenance=provenance)
@@ -286,8 +289,9 @@ def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> d
             counts[trained] += 1
         step = f"{trained} in {summary['pretrain_s']:.1f} s, " if trained else ""
         counts["written"] += len(summary["written"])
-        print(f"{head}: {step}{len(summary['written'])} record(s) written in {summary['evaluate_s']:.1f} s "
-              f"({len(unit.records) - len(left)} already there)", flush=True)
+        if not quiet:
+            print(f"{head}: {step}{len(summary['written'])} record(s) written in {summary['evaluate_s']:.1f} s "
+                  f"({len(unit.records) - len(left)} already there)", flush=True)
     elapsed = time.perf_counter() - started
     if counts["finished"] == len(mine):
         print(f"bench {who}: nothing to do: all {len(mine)} unit(s) were finished ({counts['skipped']} records)")
@@ -303,7 +307,8 @@ def run(suite: Suite, units: list[Unit], worker: int = 1, workers: int = 1) -> d
 def main(args: argparse.Namespace) -> None:
     worker, workers = parse_worker(args.worker)
     suite = load_suite(args.suite)
-    units = plan(suite, args.overrides, args.results_dir, workers)
+    units = plan(suite, [*args.overrides, *(["runtime.progress=quiet"] if args.quiet else [])], args.results_dir,
+                 workers)
     if args.dry_run:
         print(render_plan(suite, units, ResultsStore(units[0].cfg.results_dir), workers))
         return

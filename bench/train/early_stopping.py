@@ -14,13 +14,13 @@ class EarlyStopping:
     """After each epoch: the validation metric; the best epoch's weights saved to `best.pt`; `stop` once
     `patience` epochs in a row did not improve on the best (patience null: never stop early). Under torchrun
     every rank scores the model and follows rank 0's score (GPU kernels may differ in the last bit), and
-    only rank 0 writes the weights."""
+    only rank 0 writes the weights. Each epoch's score goes to the run's curves as `val/<metric>`."""
 
-    def __init__(self, score, patience: int | None, best_path: Path):
-        self.score, self.patience, self.best_path = score, patience, best_path
+    def __init__(self, score, patience: int | None, best_path: Path, metric: str = "score"):
+        self.score, self.patience, self.best_path, self.metric = score, patience, best_path, metric
         self.stop, self.best, self.best_epoch, self.bad, self.history = False, -math.inf, 0, 0, []
 
-    def __call__(self, model: nn.Module, epoch: int) -> None:
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
         value = distributed.agree(float(self.score(model)))
         self.history.append(round(value, 6))
         if not math.isnan(value) and value > self.best:
@@ -32,6 +32,7 @@ class EarlyStopping:
         else:
             self.bad += 1
         self.stop = self.patience is not None and self.bad >= self.patience
+        return {f"val/{self.metric}": value}
 
     def _keep(self, model: nn.Module) -> None:
         if distributed.is_main():

@@ -7,6 +7,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -19,21 +20,24 @@ from torch.utils.data import DataLoader
 
 from bench.core.errors import TrainingDiverged, UserError
 from bench.core.io import atomic_torch_save, atomic_write_text
+from bench.core.progress import QUIET, StepProgress, display_mode
 from bench.data.corpus import MixedBatchSampler, PretrainCorpus
 from bench.modeling.method import Method
 from bench.train import distributed
 from bench.train.cost import COST_FILE, count_flops, run_cost
+from bench.train.loggers import open_curves
 from bench.train.speed import Speed
 
 CHECKPOINT, FINAL = "checkpoint.pt", "final.pt"
 
 
 class Validation(Protocol):
-    """An end-of-epoch check (e.g. early stopping on a validation metric) whose state resumes with the run."""
+    """An end-of-epoch check (e.g. early stopping on a validation metric) whose state resumes with the run. What
+    it returns ({tag: value}, e.g. {"val/auc": 0.81}; or None) joins the run's curves at that step."""
 
     stop: bool
 
-    def __call__(self, method: Method, epoch: int) -> None: ...
+    def __call__(self, method: Method, epoch: int) -> dict[str, float] | None: ...
 
     def state_dict(self) -> dict: ...
 
@@ -124,10 +128,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, progress: bool = True,
-                 num_workers: int = 0, speed: Speed | None = None, flops: bool = True):
+    """`loggers` (runtime.loggers) adds curves beside metrics.jsonl, which is always written: TensorBoard and
+    offline wandb under `run_dir` (bench.train.loggers). The default, none, suits scratch runs (`bench profile`)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, progress: bool | str = True,
+                 num_workers: int = 0, speed: Speed | None = None, flops: bool = True, loggers: Iterable[str] = ()):
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         self.progress, self.num_workers, self.flops = progress, num_workers, flops
+        self.loggers = list(loggers)
         self.speed = speed if speed is not None else Speed.resolve(None, device)
         self.dtype = autocast_dtype(cfg.precision, device)
 
@@ -174,6 +182,7 @@ class Trainer:
         step = self._resume(method, optimizer, schedule, validation)
         main = distributed.is_main()
         log = self._open_log(step) if main else None
+        curves = open_curves(self.loggers, self.run_dir, step) if main else None
         bar = self._bar(total, step) if main else None
         try:
             while step < total and not (validation is not None and validation.stop):
@@ -189,21 +198,24 @@ class Trainer:
                     seconds = time.perf_counter() - t0
                     row = {"step": step, "epoch": epoch, "lr": schedule.get_last_lr()[0],
                            "images_per_s": n_images / seconds, **parts}
-                    if main and monitor is not None and monitor.every and step % monitor.every == 0:
-                        row.update(self.measure(method, monitor))
+                    measured = self.measure(method, monitor) if (
+                        main and monitor is not None and monitor.every and step % monitor.every == 0) else {}
                     if log is not None:
-                        log.write(json.dumps(row) + "\n")
+                        log.write(json.dumps({**row, **measured}) + "\n")
                         log.flush()
+                    if curves is not None:
+                        curves.log({**row, **{f"monitor/{k}": v for k, v in measured.items()}}, step)
                     if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{parts['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+                        bar.step(parts["loss"], n_images, seconds)
                     end_of_epoch = step % steps_per_epoch == 0
                     if validation is not None and end_of_epoch:
                         # the check must not move the random streams training draws from (dropout, masks), so
                         # a run with a validation hook trains exactly as one without it
                         rng = _rng_state()
-                        validation(method, epoch)
+                        validated = validation(method, epoch)
                         _set_rng_state(rng)
+                        if curves is not None and validated:
+                            curves.log(validated, step)
                         # rank 0's verdict: a rank that stopped alone would leave the others waiting for it
                         validation.stop = distributed.agree(validation.stop)
                     if step % cfg.checkpoint_every == 0 or step == total or (validation is not None and end_of_epoch):
@@ -213,6 +225,8 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+            if curves is not None:
+                curves.close()
             if bar is not None:
                 bar.close()
         if main:
@@ -365,9 +379,7 @@ class Trainer:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
         return path.open("a")
 
-    def _bar(self, total: int, step: int):
-        if not self.progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    def _bar(self, total: int, step: int) -> StepProgress | None:
+        """How the main process shows training's progress (`runtime.progress`, bench.core.progress)."""
+        mode = display_mode(self.progress)
+        return None if mode == QUIET else StepProgress(mode, total, step, self.run_dir.name)

@@ -111,11 +111,14 @@ def fine_tune(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Pr
         return task_metrics(task.kind, y["val"], scores, task.labels)[0][task.metric]
 
     patience = None if ft.patience is None else int(ft.patience)
-    stopper = EarlyStopping(val_metric, patience, run_dir / BEST)
+    stopper = EarlyStopping(val_metric, patience, run_dir / BEST, metric=task.metric)
     # no compilation: fine-tuning runs are many and short, and each new model would be compiled again
     speed = replace(Speed.resolve(ctx.cfg.runtime.get("speed"), ctx.device), compile=False)
+    # the curves go to run_dir with its metrics.jsonl: remove_outputs deletes only the weights there, so both
+    # outlive the record (results/finetune/<method>/<record>/tensorboard)
     trainer = Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers, speed=speed,
-                      flops=False)  # a record's cost is its pretraining's
+                      flops=False,  # a record's cost is its pretraining's
+                      loggers=ctx.cfg.runtime.get("loggers", []))
     trainer.fit(model, train, collate_labelled, sampler, seed, validation=stopper)
     stopper.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["validation"])
     model.load_state_dict(torch.load(run_dir / BEST, map_location=ctx.device, weights_only=False))

@@ -19,6 +19,7 @@ number recomputes.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,15 @@ class Retrieval(Protocol):
     @classmethod
     def is_metric(cls, name: str) -> bool:
         return re.fullmatch(r"(i2t|t2i)_r@[1-9][0-9]*|i2i_p@[1-9][0-9]*", name) is not None
+
+    @classmethod
+    def headline_metrics(cls, present: Sequence[str]) -> list[str]:
+        """Each direction's metric at its smallest K (`ks` is configurable, so K=1 may be absent)."""
+        smallest: dict[str, tuple[int, str]] = {}
+        for name in filter(cls.is_metric, present):
+            direction, k = name.split("@")
+            smallest[direction] = min(smallest.get(direction, (int(k), name)), (int(k), name))
+        return [name for _, (_, name) in sorted(smallest.items())]
 
 
 def per_query_values(queries: dict[str, pd.DataFrame], ks: list[int]) -> dict[str, np.ndarray]:

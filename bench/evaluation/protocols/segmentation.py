@@ -19,6 +19,7 @@ format, at the input size), from which every number recomputes, and the image pa
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,10 @@ class Segmentation(Protocol):
     @classmethod
     def is_metric(cls, name: str) -> bool:
         return name in METRICS
+
+    @classmethod
+    def headline_metrics(cls, present: Sequence[str]) -> list[str]:
+        return [m for m in ("dice",) if m in present]
 
     @classmethod
     def run(cls, ctx: EvalContext, fraction: float, seed: int, folder: Path) -> SampleMeanResult:
@@ -232,10 +237,12 @@ def segment(ctx: EvalContext, fraction: float, seed: int, run_dir: Path) -> Samp
         return selection_score(masks["val"], predicted(m, "val"), str(sg.select_on))
 
     patience = None if sg.patience is None else int(sg.patience)
-    stopper = EarlyStopping(val_score, patience, run_dir / BEST)
+    # the record's val_score, named after its rule: val/score_pooled, val/score_dice, ...
+    stopper = EarlyStopping(val_score, patience, run_dir / BEST, metric=f"score_{sg.select_on}")
     speed = replace(Speed.resolve(ctx.cfg.runtime.get("speed"), ctx.device), compile=False)
+    # curves beside metrics.jsonl in run_dir, which outlive the record (remove_outputs deletes only the weights)
     trainer = Trainer(trainer_cfg, run_dir, ctx.device, progress=False, num_workers=ctx.num_workers, speed=speed,
-                      flops=False)
+                      flops=False, loggers=ctx.cfg.runtime.get("loggers", []))
     trainer.fit(model, train, collate_labelled, sampler, seed, validation=stopper)
     stopper.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["validation"])
     model.load_state_dict(torch.load(run_dir / BEST, map_location=ctx.device, weights_only=False))

@@ -107,6 +107,11 @@ def _spread(per_set: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return out
 
 
+def zero_shot_scale(method) -> float:
+    """The inverse temperature of the class softmax: the model's own where it has one, capped at CLIP's 100."""
+    return min(100.0, float(method.logit_scale.detach().exp())) if hasattr(method, "logit_scale") else 100.0
+
+
 def _joint_embeddings(method, features: np.ndarray, device: torch.device, chunk: int = 4096) -> np.ndarray:
     with torch.no_grad():
         out = [method.project_image(torch.from_numpy(features[i:i + chunk]).to(device)).float().cpu().numpy()
@@ -128,8 +133,7 @@ def zero_shot(ctx: EvalContext) -> ProtocolResult:
         emb[split] = _joint_embeddings(method, features, ctx.device)
     if split_rows[report].empty:
         raise UserError(f"zero-shot: the {report} split of {ctx.data.name} is empty")
-    # the model's own temperature where it has one (CLIP's cap of 100 otherwise)
-    scale = min(100.0, float(method.logit_scale.detach().exp())) if hasattr(method, "logit_scale") else 100.0
+    scale = zero_shot_scale(method)
     y = {s: rows[task.labels].to_numpy(dtype=float) for s, rows in split_rows.items()}
     per_set, primary = {}, None
     for s in sets:

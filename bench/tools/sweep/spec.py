@@ -164,6 +164,8 @@ class SweepSpec:
     results_dir: str = "results"
     study_name: str | None = None
     storage: str | None = None
+    # runtime.progress of every run (--quiet); how runs show progress is no part of the search, so not of `identity`
+    progress: str | None = None
     identity: dict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -197,6 +199,8 @@ class SweepSpec:
         """The run config of a trial (its parameter values), or of the final runs."""
         overrides = [*self.overrides, *(f"{k}={override_value(v)}" for k, v in (values or {}).items()), *extra,
                      f"results_dir={self.results_dir}"]
+        if self.progress:
+            overrides.append(f"runtime.progress={self.progress}")
         cfg = compose_config(self.method, self.ablation, seed, overrides)
         if ablation is not None:
             cfg.ablation = ablation

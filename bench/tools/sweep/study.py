@@ -15,10 +15,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bench.core.errors import UserError
+from bench.core.progress import QUIET, display_mode
 from bench.core.registry import PROTOCOLS
 from bench.data.splits import sealed
 from bench.tools.sweep.outputs import write_outputs
 from bench.tools.sweep.spec import Objective, SweepSpec
+from bench.train.loggers import Curves, open_curves
 
 
 def open_storage(spec: str | None, folder: Path):
@@ -98,23 +100,26 @@ def _diff(stored: dict, now: dict) -> str:
 
 
 class TrialValidation:
-    """The trainer's end-of-epoch hook in a sweep: the objective on validation, reported to Optuna; a trial the
-    pruner rejects stops here (optuna.TrialPruned leaves the trainer before it checkpoints the epoch)."""
+    """The trainer's end-of-epoch hook in a sweep: the objective on validation, reported to Optuna and drawn on
+    the trial's curve (`curves`, at Optuna's step) and on the pretraining run's own (`val/<metric>`); a trial
+    the pruner rejects stops here (optuna.TrialPruned leaves the trainer before it checkpoints the epoch)."""
 
     stop = False
 
-    def __init__(self, trial, score, step_offset: int):
-        self.trial, self.score, self.step_offset = trial, score, step_offset
+    def __init__(self, trial, score, step_offset: int, metric: str, curves: Curves):
+        self.trial, self.score, self.step_offset, self.metric, self.curves = trial, score, step_offset, metric, curves
 
-    def __call__(self, method, epoch: int) -> None:
+    def __call__(self, method, epoch: int) -> dict[str, float]:
         import optuna
 
         value = self.score(method)
         step = self.step_offset + epoch
         self.trial.report(value, step)
+        self.curves.log({f"val/{self.metric}": value}, step)
         if self.trial.should_prune():
             self.trial.set_user_attr("pruned_at", {"step": step, "value": value})
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} with validation {value:.4f}")
+        return {f"val/{self.metric}": value}
 
     def state_dict(self) -> dict:
         return {}
@@ -219,6 +224,11 @@ def make_objective(spec: SweepSpec, store, device):
             raise SurplusTrial(f"trial {trial.number}: the study already has {spec.trials} trials")
         values = {p.key: p.suggest(trial) for p in spec.params}
         started, per_seed = time.perf_counter(), {}
+        # the trial's validation curve, beside the study: one logdir compares the trials. Not in wandb, which
+        # holds one run at a time in a process, and the trial's pretraining runs have their own open meanwhile
+        loggers = [name for name in spec.config(spec.seeds[0]).runtime.loggers if name != "wandb"]
+        curves = open_curves(loggers, spec.folder, name=f"trial-{trial.number}") \
+            if tracked_protocol(spec.objective) else Curves([])
         try:
             for i, seed in enumerate(spec.seeds):
                 cfg = spec.config(seed, values, extra=[f"eval.datasets=[{','.join(spec.objective.datasets)}]"])
@@ -227,14 +237,16 @@ def make_objective(spec: SweepSpec, store, device):
                 # seed i reports after seed i-1's last epoch: a step budget runs at most `steps` epochs
                 budget = cfg.trainer.budget
                 epochs = int(budget.steps) if budget.get("steps") else int(budget.epochs)
-                hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * epochs) \
-                    if tracked_protocol(spec.objective) else None
+                hook = TrialValidation(trial, lambda m: score(m, during_training=True), i * epochs,
+                                       spec.objective.metric, curves) if tracked_protocol(spec.objective) else None
                 method, final = pretrain(cfg, store, device, hook)
                 per_seed[str(seed)] = score(method)
                 trial.set_user_attr("runs", {**trial.user_attrs.get("runs", {}), str(seed): str(final.parent)})
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
+        finally:
+            curves.close()
         value = float(np.mean(list(per_seed.values())))
         trial.set_user_attr("value_per_seed", per_seed)
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
@@ -252,7 +264,9 @@ def run_sweep(spec: SweepSpec) -> dict:
 
     from bench.experiment.setup import start
 
-    device, store = start(spec.config(spec.seeds[0]).runtime, spec.results_dir)
+    runtime = spec.config(spec.seeds[0]).runtime
+    device, store = start(runtime, spec.results_dir)
+    quiet = display_mode(runtime.progress) == QUIET
     study, storage = load_study(spec)
     objective = make_objective(spec, store, device)
     ran = 0
@@ -270,7 +284,8 @@ def run_sweep(spec: SweepSpec) -> dict:
             if last is not None and last.user_attrs.get("surplus"):
                 break
             ran += 1
-            _print_trial(study, spec)
+            if not quiet:
+                _print_trial(study, spec)
     return {"ran": ran, "outputs": write_outputs(study, spec)}
 
 
@@ -311,7 +326,7 @@ def finalize(spec: SweepSpec, final_seeds: list[int], force: bool = False) -> li
     for seed in final_seeds:
         cfg = spec.config(seed, dict(best.params), ablation=f"sweep-{spec.study_name}")
         subject, summary = pretrain_and_evaluate(cfg, store, device, force=force, provenance=marker)
-        report_timing(subject, summary)
+        report_timing(subject, summary, quiet=display_mode(cfg.runtime.progress) == QUIET)
         written += summary["written"]
     write_outputs(study, spec)
     return written
