@@ -15,6 +15,7 @@ from bench.core.errors import TrainingDiverged, UserError
 
 VERBS = {"run": commands.verb_run, "eval": commands.verb_eval, "sweep": commands.verb_sweep,
          "suite": commands.verb_suite, "table": commands.verb_table, "plot": commands.verb_plot,
+         "report": commands.verb_report,
          "data": commands.verb_data, "mask": commands.verb_mask, "profile": commands.verb_profile,
          "export": commands.verb_export, "list": commands.verb_list}
 

@@ -151,6 +151,12 @@ def verb_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def verb_report(args: argparse.Namespace) -> None:
+    from bench.report.html import write_report
+
+    print(write_report(args.results_dir, args.out, args.metric, args.delta_to, args.ci))
+
+
 def verb_data(args: argparse.Namespace) -> None:
     import itertools
     import json

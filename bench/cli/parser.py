@@ -210,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, metavar="DIR", help="folder for the figures (default: "
                                                                   "<results-dir>/plots)")
 
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page: every table, the figures, sweeps and provenance",
+        description="Write one HTML page that reads offline (no script, styles inline, figures as data URIs): per "
+                    "protocol and label fraction the table `bench table` prints (mean±std (n), CIs with --ci, "
+                    "significance markers with --delta-to, the best in bold) with its figures, each sweep's "
+                    "best.json, trials and plots, and every record's provenance on demand. Prints the path written.",
+        epilog="examples: bench report; bench report --delta-to mmclip --ci --out paper/report.html; "
+               "bench report --metric f1,segmentation=iou")
+    report.add_argument("--metric", default="auc", metavar="METRIC[,PROTOCOL=METRIC...]",
+                        help="the metric of every protocol whose records hold it (default: auc); a protocol without "
+                             "it shows its headline metrics (segmentation: dice; retrieval: R@K / P@K at the smallest "
+                             "K); PROTOCOL=METRIC chooses one protocol's")
+    report.add_argument("--delta-to", default=None, metavar="METHOD[:ABLATION]",
+                        help="show every other row as its change from this row, with a paired significance test "
+                             "(bootstrap), in the tables where the row has records")
+    report.add_argument("--ci", action="store_true",
+                        help="append the CI of the seed mean (two-level bootstrap over seeds and test resamples)")
+    report.add_argument("--results-dir", default="results", help="results root (default: ./results)")
+    report.add_argument("--out", default=None, metavar="FILE", help="the page (default: <results-dir>/report.html)")
+
     data = sub.add_parser("data", help="generate the synthetic benchmark; inspect a dataset root",
                           description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
