@@ -19,7 +19,7 @@ _PUBLIC = {"EmbeddingModel": "bench.tools.model", "MMCLIPModel": "bench.tools.mo
 __all__ = [*_PUBLIC, "__version__"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # imported on first use: `import bench` (every CLI call) must not import torch
     if name in _PUBLIC:
         import importlib

@@ -101,12 +101,21 @@ def test_export_loads_alone_and_evaluates_to_the_run_folders_numbers(tiny_cfg, d
     jpg = str(next(data_home.rglob("*.jpg")))
     from_run, from_export = load_model(run_dir, device="cpu"), load_model(out, device="cpu")
     assert type(from_export) is EmbeddingModel and from_export.cfg.method.name == "clip"
-    for a, b in zip(from_run.method.state_dict().values(), from_export.method.state_dict().values()):
-        assert torch.equal(a, b)
+    run_state, export_state = from_run.method.state_dict(), from_export.method.state_dict()
+    assert run_state.keys() == export_state.keys()
+    assert all(torch.equal(run_state[k], export_state[k]) for k in run_state)
     assert torch.equal(from_run.encode_image(jpg), from_export.encode_image(jpg))
     assert torch.equal(from_run.encode_text("Cardiomegaly."), from_export.encode_text("Cardiomegaly."))
     with pytest.raises(UserError, match="load_model"):
         MMCLIPModel.from_pretrained(out)
+    # saved again unchanged, the export keeps the run's identity; changed, it gets one of its own
+    resaved = from_export.save_pretrained(tmp_path / "resaved")
+    assert json.loads((resaved / "config.json").read_text())["identity"] == written["identity"]
+    with torch.no_grad():
+        from_export.method.image_proj.weight.mul_(2.0)
+    derived = json.loads(from_export.save_pretrained(tmp_path / "derived").joinpath("config.json").read_text())
+    assert derived["identity"]["ablation"] == "derived"
+    assert derived["identity"]["pretrain_hash"] != written["identity"]["pretrain_hash"]
 
     # the export alone: the results folder (its run, records, config) is gone, and it is read from elsewhere
     ran = {(r["protocol"], r["dataset"]): r for r in store.records()}
@@ -164,8 +173,39 @@ def test_the_readmes_use_a_trained_model_example_runs_verbatim(untrained_mmclip,
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     untrained_mmclip.save_pretrained("exports/mmclip")  # what `bench export` writes, from an untrained model
+    identity = json.loads(Path("exports/mmclip/config.json").read_text())["identity"]
+    # random weights never take the key of `bench run --method mmclip`'s records
+    from bench.experiment.identity import pretrain_hash
+
+    assert identity["ablation"] == "untrained" and identity["pretrain_hash"] != pretrain_hash(untrained_mmclip.cfg)
     Path("path/to/xray").mkdir(parents=True)
     shutil.copyfile(next(data_home.rglob("*.jpg")), "path/to/xray/image.jpg")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["image_features"].shape == scope["text_features"].shape == (1, untrained_mmclip.cfg.model.embed_dim)
+
+
+def test_an_export_that_would_not_rebuild_the_same_model_is_refused(untrained_mmclip, tmp_path, monkeypatch):
+    import random
+
+    import bench.tools.export as export
+    from bench.experiment.export import read_config
+
+    def lossy(folder):  # a rebuilt configuration that lost a setting the weights cannot show
+        cfg, written = read_config(folder)
+        cfg.model.text.pooling = "cls" if cfg.model.text.pooling == "mean" else "mean"
+        return cfg, written
+
+    monkeypatch.setattr(export, "read_config", lossy)
+    with pytest.raises(UserError, match="other features"):
+        untrained_mmclip.save_pretrained(tmp_path / "lossy")
+    assert not (tmp_path / "lossy").exists() and not list(tmp_path.glob(".tmp-*"))
+    # loading a model leaves the caller's random streams alone
+    random.seed(7)
+    torch.manual_seed(7)
+    expected = (random.random(), torch.rand(1))
+    random.seed(7)
+    torch.manual_seed(7)
+    monkeypatch.undo()
+    untrained_mmclip.save_pretrained(tmp_path / "fine")  # builds the rebuilt model
+    assert (random.random(), torch.rand(1)) == expected

@@ -229,10 +229,14 @@ def subject_of_run(cfg: DictConfig, checkpoint: Path) -> Subject:
 
 def evaluated_weights_digest(method: Method) -> str:
     """sha256 of the weights the evaluators read (`Method.evaluated_modules`): names, shapes, dtypes, bytes."""
+    return weights_digest(method, set(method.evaluated_modules()))
+
+
+def weights_digest(method: Method, modules: set[str] | None = None) -> str:
+    """sha256 of `method`'s state dict (of the top-level `modules` only, where given): names, shapes, dtypes, bytes."""
     digest = hashlib.sha256()
-    modules = set(method.evaluated_modules())
     for name, tensor in sorted(method.state_dict().items()):
-        if name.split(".")[0] in modules:
+        if modules is None or name.split(".")[0] in modules:
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -80,9 +80,8 @@ def self_contained(cfg: DictConfig, method: Method) -> dict:
     image["pretrained"] = None  # open_clip builds the named architecture; its weights are in model.safetensors
     if text.get("pretrained"):
         arch = {k: v for k, v in method.text_tower.encoder.config.to_dict().items() if k not in _ORIGIN_FIELDS}
-        arch.pop("vocab_size", None)  # the tower takes it from the tokenizer
         text["pretrained"], text["config"] = None, arch
-    text["tokenizer"] = "."  # this folder: `read_export` makes it the folder's path
+    text["tokenizer"] = "."  # this folder: `read_config` makes it the folder's path
     return plain
 
 
@@ -110,16 +109,14 @@ def write_export(method: Method, config: dict, out: Path, card: str, cost: Path 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        save_model(method, str(staging / WEIGHTS), metadata={"format": "pt"})
+        save_model(method, str(staging / WEIGHTS), metadata={"format": "pt"}, force_contiguous=True)
         method.tokenizer.hf.save_pretrained(str(staging))
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         (staging / CARD).write_text(card)
         if cost is not None and cost.is_file():
             shutil.copyfile(cost, staging / COST)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (staging, *staging.iterdir()):  # mkdtemp's private modes: a shared model is readable as any file
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        for path in (staging, *staging.iterdir()):  # mkdtemp's private modes: a shared model is readable by all
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -17,6 +17,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bars would print through ours, and into log files
 
 
 def start(runtime: DictConfig, results_dir: str | None = None) -> tuple[torch.device, ResultsStore | None]:

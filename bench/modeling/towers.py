@@ -173,13 +173,15 @@ class TextTower(nn.Module):
                 raise UserError(f"text tower {cfg.pretrained!r} could not be loaded ({source}): {exc}") from None
         else:
             arch = OmegaConf.to_container(cfg.config, resolve=True)
-            # the presets give BERT fields alone; an exported model (bench/experiment/export.py) gives the whole
-            # config of the pretrained text model it was trained from, with its `model_type`
+            # the presets give BERT fields alone, the vocabulary being the tokenizer's; an exported model
+            # (bench/experiment/export.py) gives the whole config of the pretrained text model it was trained
+            # from, with its `model_type` and its own vocabulary size (which may exceed the tokenizer's)
             model_type = arch.pop("model_type", "bert")
+            arch = {"vocab_size": vocab_size, **arch}
             if model_type == "bert":
-                self.encoder = BertModel(BertConfig(vocab_size=vocab_size, **arch), add_pooling_layer=False)
+                self.encoder = BertModel(BertConfig(**arch), add_pooling_layer=False)
             else:
-                config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
+                config = AutoConfig.for_model(model_type, **arch)
                 try:
                     self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
                 except TypeError:  # architectures without a pooler argument

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
     from bench.modeling.method import Method
+    from bench.tools.export import Origin
 
     ImageInput = str | os.PathLike | PILImage | np.ndarray | torch.Tensor
 
@@ -45,37 +46,48 @@ class EmbeddingModel:
 
     method_name: ClassVar[str] = "clip"  # the method of `cls()` and the only one `cls.from_pretrained` accepts
 
-    def __init__(self, device: str = "auto", batch_size: int = 32):
+    def __init__(self, device: str = "auto", batch_size: int = 32) -> None:
         """The untrained default model of `method_name` (configs/method/<name>.yaml, the default preset, seed 0):
         random weights, so its features mean nothing yet; a warning says so."""
         from bench.experiment.config import compose_config
-        from bench.experiment.pretraining import build_method
+        from bench.experiment.evaluating import weights_digest
+        from bench.experiment.export import export_provenance
         from bench.experiment.setup import quiet_libraries
+        from bench.tools.export import Origin, build_keeping_random_state
 
         quiet_libraries()
         cfg = compose_config(self.method_name)
         print(f"bench: {type(self).__name__}(): an untrained {self.method_name} model ({cfg.model.name} preset, random "
               f"weights); load a trained one with {type(self).__name__}.from_pretrained(...)", file=sys.stderr)
-        self._attach(build_method(cfg, int(cfg.seed)), cfg, f"untrained {self.method_name}", device, batch_size)
+        method = build_keeping_random_state(cfg)
+        source = f"untrained {self.method_name} ({cfg.model.name} preset, seed {cfg.seed})"
+        self._attach(method, cfg, Origin(None, weights_digest(method), export_provenance(None), source=source),
+                     device, batch_size)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, device: str = "auto", batch_size: int = 32,
                         revision: str | None = None) -> EmbeddingModel:
         """Load a trained model from `source`: a folder `bench export` wrote (or `save_pretrained`), one of our run
-        folders (or its final.pt), or a Hugging Face hub repository holding an export (`org/name` or
-        `hf-hub:org/name`; needs the network once, then the hub's cache). `device`: auto (CUDA where there is
-        one), cpu, cuda, cuda:N."""
+        folders (or its final.pt; an unfinished run's checkpoint.pt loads with a warning), or a Hugging Face hub
+        repository holding an export (`org/name` or `hf-hub:org/name`; needs the network once, then the hub's
+        cache; only an export's safetensors are read from the hub, never a pickle). `device`: auto (CUDA where
+        there is one), cpu, cuda, cuda:N."""
         from bench.experiment.checkpoints import load_weights, run_config, run_folder
         from bench.experiment.export import WEIGHTS, is_export, read_config
-        from bench.experiment.pretraining import build_method
         from bench.experiment.setup import quiet_libraries
+        from bench.tools.export import build_keeping_random_state, export_origin, run_origin
 
         quiet_libraries()
         path = Path(str(source)).expanduser()
-        if not path.exists():
+        downloaded = not path.exists()
+        if downloaded:
             path = _download(str(source), revision)
+            if not is_export(path):
+                raise UserError(f"{source}: the hub repository holds no medvlp-bench export (config.json with "
+                                f"format medvlp-bench-model and model.safetensors)")
+        written = None
         if is_export(path):
-            cfg, _ = read_config(path)
+            cfg, written = read_config(path)
             weights = path.resolve() / WEIGHTS
         else:
             run_dir, weights = run_folder(str(path))
@@ -83,22 +95,34 @@ class EmbeddingModel:
         if cls.method_name != str(cfg.method.name) and cls is not EmbeddingModel:
             raise UserError(f"{source}: a {cfg.method.name} model, not {cls.method_name}; load it with "
                             f"bench.load_model({str(source)!r})")
-        method = build_method(cfg, int(cfg.seed))
+        method = build_keeping_random_state(cfg)
         load_weights(method, weights)
-        return cls.from_method(method, cfg, str(source), device, batch_size)
+        origin = export_origin(path.resolve(), written, method) if written is not None else \
+            run_origin(run_dir, weights, cfg, method)
+        model = cls.__new__(cls)
+        model._attach(method, cfg, origin, device, batch_size)
+        return model
 
     @classmethod
     def from_method(cls, method: Method, cfg: DictConfig, source: str = "a built method", device: str = "auto",
                     batch_size: int = 32) -> EmbeddingModel:
-        """Wrap a method already built from `cfg` (e.g. by bench.experiment.pretraining.build_method)."""
+        """Wrap a method already built from `cfg` (e.g. by bench.experiment.pretraining.build_method). Its weights
+        are no run's as far as this model knows: `save_pretrained` gives them an identity of their own."""
+        from bench.experiment.evaluating import weights_digest
+        from bench.experiment.export import export_provenance
+        from bench.tools.export import Origin
+
         model = cls.__new__(cls)
-        model._attach(method, cfg, source, device, batch_size)
+        model._attach(method, cfg, Origin(None, weights_digest(method), export_provenance(None), source=source),
+                      device, batch_size)
         return model
 
-    def _attach(self, method: Method, cfg: DictConfig, source: str, device: str, batch_size: int) -> None:
+    def _attach(self, method: Method, cfg: DictConfig, origin: Origin, device: str, batch_size: int) -> None:
         from bench.data.image_datasets import ImagePreprocessor
         from bench.train.trainer import resolve_device
 
+        source = origin.source
+        self.origin = origin
         if not method.has_joint_space(cfg):
             raise UserError(f"{source}: {cfg.method.name} has no joint image-text space, so it cannot embed texts "
                             f"or compare them with images")
@@ -174,14 +198,14 @@ class EmbeddingModel:
 
     # --- features -----------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """[n, embed_dim] L2-normalised joint-space features of one image or a list."""
         x = self.preprocess_images(images)
         return torch.cat([self.method.embed_image(x[i:i + self.batch_size].to(self.device)).float()
                           for i in range(0, len(x), self.batch_size)])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
         """[n, embed_dim] L2-normalised joint-space features of one text or a list (truncated to the model's
         max_length tokens, as in training)."""
@@ -202,8 +226,9 @@ class EmbeddingModel:
 
     def classify(self, images: ImageInput | Sequence[ImageInput], labels: str | Sequence[str],
                  prompt_set: str = "chexzero", dataset: str | None = None, exclusive: bool = False) -> pd.DataFrame:
-        """Zero-shot probabilities, one row per image and one column per label, scored as `bench eval`'s zero-shot
-        protocol scores them with `prompt_set` (a shipped set's name, see `bench list`, or a prompt-set file):
+        """Zero-shot probabilities, one row per image and one column per label, scored as the zero-shot protocol
+        scores them with its default settings (each class's prompts embedded and averaged, the model's own
+        temperature) and `prompt_set` (a shipped set's name, see `bench list`, or a prompt-set file):
         each label's positive against its negative prompts (CheXzero's softmax) or, with `exclusive`, a softmax
         across the labels (one finding per image, as CheXpert 5x200 and COVIDx are scored). `dataset` picks the
         set's prompts for that dataset where it has its own (e.g. rsna's Pneumonia)."""
@@ -223,7 +248,7 @@ class EmbeddingModel:
             raise UserError(f"prompt set {prompts_of.id} has no negative prompts for {', '.join(lacking)}: score with "
                             f"exclusive=True (a softmax across the labels) or a set with negatives (chexzero)")
         features = self.encode_image(images).cpu().numpy()
-        with torch.inference_mode():
+        with torch.no_grad():
             scores, _ = class_scores(self.method, features, prompts, names,
                                      "multi-class" if exclusive else "multi-label", "embedding", "pos-neg",
                                      self.logit_scale, self.device)
@@ -236,20 +261,13 @@ class EmbeddingModel:
     # --- saving -------------------------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the model as `bench export` writes a run (weights, config.json, tokenizer, model card); a model
-        that did not come from a run folder or an export records only what it is."""
-        from bench.experiment.export import export_description, export_provenance, write_export
-        from bench.experiment.identity import config_hash, pretrain_hash
-        from bench.tools.export import model_card
+        """Write the model as `bench export` writes a run (weights, config.json, tokenizer, model card) and check
+        the folder rebuilds it. Weights loaded from a finished run or an export, unchanged since, keep that run's
+        identity, provenance, cost and evaluation tables; any other weights (untrained, changed, an unfinished
+        run's) are saved under an identity of their own, so their records never pass for the run's."""
+        from bench.tools.export import save_model
 
-        identity = {"method": str(self.cfg.method.name), "ablation": str(self.cfg.ablation),
-                    "pretrain_hash": pretrain_hash(self.cfg), "pretrain_seed": int(self.cfg.seed),
-                    "config_hash": config_hash(self.cfg), "checkpoint": {"path": self.source, "sha256": None}}
-        config = export_description(self.method, self.cfg, identity, export_provenance(None))
-        try:
-            return write_export(self.method.cpu(), config, Path(folder), model_card(config, []))
-        finally:
-            self.method.to(self.device)
+        return save_model(self.method, self.cfg, folder, self.origin)
 
     def push_to_hub(self, repo_id: str, private: bool = True, token: str | None = None) -> str:
         """Upload `save_pretrained`'s folder to the Hugging Face hub (online; `huggingface-cli login` or `token`);
@@ -286,7 +304,9 @@ def _download(source: str, revision: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, revision=revision))
+        # an export's files only: never a pickle, whatever else the repository holds
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                                                "*.model", "README.md"]))
     except Exception as exc:  # noqa: BLE001 - offline, unknown repository, no access: one line says which
         raise UserError(f"{source}: not a local folder, and the hub repository could not be fetched "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None

@@ -7,7 +7,7 @@ AdamW on the shared trainer; `encoder: fine-tune` trains the encoder's image mod
 `encoder_lr_multiplier` times the decoder's rate. Training images are the label fraction's frozen id list (the
 same as the linear probe's), with their masks at the model's input geometry (`input_mask`); the epoch with the
 best validation score is kept (`select_on`: by default the pooled Dice, the Dice of all validation pixels
-at once, which neither an empty nor an everywhere prediction can win; early stopping after `patience` epochs
+at once, where an empty prediction scores 0 and an everywhere one near 0; early stopping after `patience` epochs
 without a better one); a frozen encoder's validation tokens are computed once; the test split is read once.
 
 Metrics over the whole test split, per image then averaged (never per batch, never with the background class):
