@@ -182,3 +182,28 @@ def test_quiet_flag_sets_runtime_progress_on_every_verb(data_home, tmp_path, mon
                      "data.synthetic.size=tiny", *flag]) == 0
     assert studies[0].study_name == studies[1].study_name, "--quiet is no part of what the study searches"
     assert [s.config(0).runtime.progress for s in studies] == ["auto", QUIET]
+
+
+def test_long_data_steps_announce_themselves_unless_quiet(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import bench.data.images as images
+    from bench.core import progress
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(paths[-1])
+    monkeypatch.setattr(images, "DECODE_NOTE_AT", 2)
+    try:
+        progress.set_process_mode(progress.LINES)
+        images.usable(images.ImageCache(tmp_path / "cache", 16), paths, "error", "the test split")
+        assert capsys.readouterr().err.startswith("bench: decoding 3 images of the test split into the image cache")
+        images.usable(images.ImageCache(tmp_path / "cache", 16), paths, "error", "the test split")
+        assert capsys.readouterr().err == ""  # all cached: nothing worth a line
+        progress.set_process_mode(progress.QUIET)
+        images.usable(images.ImageCache(tmp_path / "other", 16), paths, "error", "the test split")
+        assert capsys.readouterr().err == ""
+    finally:
+        progress.set_process_mode(progress.LINES)

@@ -35,6 +35,23 @@ def display_mode(setting: str | bool, stream: TextIO | None = None, environ: Map
     return BAR if on_terminal and not under_ci else LINES
 
 
+# the mode of this process's own notes (`note`): set once from runtime.progress where a command starts
+# (bench.experiment.setup.start); lines until then, so that library use is not silent
+_process_mode = LINES
+
+
+def set_process_mode(mode: str) -> None:
+    """The mode `note` prints in: what `display_mode` decided for this process's runtime.progress."""
+    global _process_mode
+    _process_mode = mode
+
+
+def note(message: str) -> None:
+    """`bench: message` on stderr unless this process is quiet: for the long steps of layers that are given no
+    runtime settings (generating the synthetic benchmark, decoding images into the cache)."""
+    say(_process_mode, message)
+
+
 def about(seconds: float) -> str:
     """A duration as a person reads it at a glance: ~40 s, ~12 min, ~3.5 h."""
     if seconds < 90:

@@ -19,9 +19,11 @@ import numpy as np
 from PIL import Image
 
 from bench.core.errors import UserError
+from bench.core.progress import note
 
 READER_VERSION = 1  # bump when decoding or resizing changes, so stale cache entries are never read
 DICOM_SUFFIXES = (".dcm", ".dicom")
+DECODE_NOTE_AT = 500  # uncached images worth a line before they are decoded (about ten seconds' work or more)
 
 
 class UnreadableImage(UserError):
@@ -159,17 +161,18 @@ class ImageCache:
         except OSError as exc:
             raise UnreadableImage(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
+    def cached(self, path: str | Path) -> bool:
+        """Whether `path`'s square is in the cache (two stats, no image I/O); False where it cannot be told."""
+        try:
+            return self.entry(path).stat().st_size == self.size * self.size
+        except OSError:
+            return False
+
     def check(self, path: str | Path) -> None:
         """Make sure `path` is cached (decoding it if not); UnreadableImage if it cannot be. A cached
         entry is only stat'ed, so checking a warm cache costs no image I/O."""
-        if self.directory is not None:
-            entry = self._entry_or_error(path)
-            try:
-                if entry.stat().st_size == self.size * self.size:
-                    return
-            except OSError:
-                pass
-        self.get(path)
+        if self.directory is None or not self.cached(path):
+            self.get(path)  # a missing or unreadable source file is named by get's UnreadableImage
 
     def get(self, path: str | Path) -> np.ndarray:
         if self.directory is None:
@@ -207,9 +210,15 @@ def _check(args: tuple[ImageCache, list[str]]) -> list[str | None]:
     return errors
 
 
-def decode_all(cache: ImageCache, paths: Sequence[str], workers: int = 0) -> list[str | None]:
-    """Decode and cache every image not cached yet, in parallel; one error message or None per path."""
+def decode_all(cache: ImageCache, paths: Sequence[str], workers: int = 0, what: str = "") -> list[str | None]:
+    """Decode and cache every image not cached yet, in parallel; one error message or None per path. A batch
+    of uncached images worth waiting for is announced first (`what` names them)."""
     paths = list(paths)
+    if cache.directory is not None and len(paths) >= DECODE_NOTE_AT:
+        uncached = sum(not cache.cached(p) for p in paths)
+        if uncached >= DECODE_NOTE_AT:
+            note(f"decoding {uncached} images of {what or 'a dataset'} into the image cache "
+                 f"({max(workers, 1)} process(es); later runs read them from there)")
     if workers <= 1 or len(paths) < 64:
         return _check((cache, paths))
     chunk = max(16, len(paths) // (workers * 8))
@@ -221,7 +230,7 @@ def decode_all(cache: ImageCache, paths: Sequence[str], workers: int = 0) -> lis
 def usable(cache: ImageCache, paths: Sequence[str], policy: str, what: str, workers: int = 0) -> np.ndarray:
     """Boolean mask of readable images. Unreadable ones are counted and skipped (`skip`) or stop the run
     with the first file's message (`error`), before any epoch starts rather than in the middle of one."""
-    errors = decode_all(cache, paths, workers)
+    errors = decode_all(cache, paths, workers, what)
     bad = [e for e in errors if e is not None]
     if bad and policy == "error":
         raise UnreadableImage(f"{bad[0]} ({len(bad)} unreadable image(s) in {what})")

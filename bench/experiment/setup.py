@@ -6,6 +6,7 @@ import os
 import torch
 from omegaconf import DictConfig
 
+from bench.core.progress import display_mode, set_process_mode
 from bench.core.provenance import git_state
 from bench.core.results import ResultsStore
 from bench.train import distributed
@@ -27,6 +28,7 @@ def start(runtime: DictConfig, results_dir: str | None = None) -> tuple[torch.de
     quiet_libraries()
     git_state()  # the checkout as this process starts, which its records name
     distributed.init_from_env()
+    set_process_mode(display_mode(runtime.get("progress", "auto"), main=distributed.is_main()))
     if runtime.threads:
         torch.set_num_threads(int(runtime.threads))
     device = resolve_device(runtime.device)

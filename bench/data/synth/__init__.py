@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from bench.core.errors import UserError
 from bench.core.io import atomic_write_text
+from bench.core.progress import note
 
 GENERATOR_VERSION = 7  # 6: findings told by shape and texture under nuisance, difficulty levels, ground-truth sidecars;
 # 7: standard difficulty at (1.25, 0.75), a pleural line the models can see
@@ -140,7 +142,10 @@ def _write(adapter, folder: Path, size: str, seed: int, workers: int, difficulty
     except TypeError as e:
         raise UserError(f"{adapter.synthetic.writer}, the synthetic writer of {adapter.name}, does not take "
                         f"(folder, count, seed, workers, difficulty): {e}") from None
+    started = time.perf_counter()
+    note(f"generating the synthetic {adapter.name} ({adapter.synthetic.counts[size]} samples, size {size}, seed {seed})")
     write(folder, adapter.synthetic.counts[size], seed, workers, difficulty)
+    note(f"generated the synthetic {adapter.name} in {time.perf_counter() - started:.1f} s")
 
 
 def _add_dataset(root: Path, adapter, size: str, seed: int, workers: int, difficulty: str) -> None:
