@@ -25,8 +25,8 @@ def run_folder(spec: str) -> tuple[Path, Path]:
     weights = path if path.is_file() else next((run_dir / n for n in ("final.pt", "checkpoint.pt")
                                                 if (run_dir / n).exists()), None)
     if not (run_dir / "config.yaml").exists() or weights is None:
-        raise UserError(f"{spec}: not a run folder (needs config.yaml and final.pt or checkpoint.pt) and not an "
-                        f"external model spec (open_clip:MODEL[:PRETRAINED] or hf-hub:ORG/REPO)")
+        raise UserError(f"{spec}: not a run folder (needs config.yaml and final.pt or checkpoint.pt), not a `bench "
+                        f"export` folder and not an external model spec (open_clip:MODEL[:PRETRAINED] or hf-hub:ORG/REPO)")
     return run_dir, weights
 
 
