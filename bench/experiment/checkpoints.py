@@ -26,7 +26,8 @@ def run_folder(spec: str) -> tuple[Path, Path]:
                                                 if (run_dir / n).exists()), None)
     if not (run_dir / "config.yaml").exists() or weights is None:
         raise UserError(f"{spec}: not a run folder (needs config.yaml and final.pt or checkpoint.pt), not a `bench "
-                        f"export` folder and not an external model spec (open_clip:MODEL[:PRETRAINED] or hf-hub:ORG/REPO)")
+                        f"export` folder and not an external model spec (open_clip:MODEL[:PRETRAINED] or "
+                        f"hf-hub:ORG/REPO)")
     return run_dir, weights
 
 

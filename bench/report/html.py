@@ -76,7 +76,8 @@ class ReportTable:
     def command(self, root: Path) -> str:
         """The `bench table` command line that prints this table from the records under `root`."""
         opts = self.options()
-        words = ["bench table", f"--results-dir {shlex.quote(str(root))}", f"--metric {opts['metric']}", f"--protocol {opts['protocol']}",
+        words = ["bench table", f"--results-dir {shlex.quote(str(root))}", f"--metric {opts['metric']}",
+                 f"--protocol {opts['protocol']}",
                  f"--fraction {opts['fraction']:g}"]
         words += [f"--datasets {opts['datasets']}"] * bool(opts["datasets"])
         words += [f"--delta-to {opts['delta_to']}"] * bool(opts["delta_to"]) + ["--ci"] * self.ci
@@ -247,7 +248,8 @@ def _frame_table(frame: pd.DataFrame) -> str:
     head = "".join(f'<th scope="col">{_esc(c)}</th>' for c in frame.columns)
     body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
-    return f'<div class="scroll"><table class="trials"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return (f'<div class="scroll"><table class="trials"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f'</table></div>')
 
 
 def render_sweeps(root: Path) -> str:

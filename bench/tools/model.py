@@ -132,7 +132,8 @@ class EmbeddingModel:
         self.method, self.cfg, self.source, self.batch_size = method.to(self.device).eval(), cfg, source, batch_size
         image = cfg.model.image
         self.image_size = int(image.image_size)
-        self.preprocess = ImagePreprocessor(self.image_size, image.mean, image.std, False, int(image.get("channels", 3)))
+        channels = int(image.get("channels", 3))
+        self.preprocess = ImagePreprocessor(self.image_size, image.mean, image.std, False, channels)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(method={self.cfg.method.name!r}, ablation={self.cfg.ablation!r}, "
@@ -184,7 +185,8 @@ class EmbeddingModel:
 
     def _checked_input(self, x: torch.Tensor, what: str) -> torch.Tensor:
         channels = self.preprocess.channels
-        if tuple(x.shape[1:]) not in ((channels, self.image_size, self.image_size), (1, self.image_size, self.image_size)):
+        size = self.image_size
+        if tuple(x.shape[1:]) not in ((channels, size, size), (1, size, size)):
             raise UserError(f"{what}: a float tensor is taken as preprocessed input of shape [n, {channels}, "
                             f"{self.image_size}, {self.image_size}], got {list(x.shape)}")
         return x.float()

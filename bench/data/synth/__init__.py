@@ -143,7 +143,8 @@ def _write(adapter, folder: Path, size: str, seed: int, workers: int, difficulty
         raise UserError(f"{adapter.synthetic.writer}, the synthetic writer of {adapter.name}, does not take "
                         f"(folder, count, seed, workers, difficulty): {e}") from None
     started = time.perf_counter()
-    note(f"generating the synthetic {adapter.name} ({adapter.synthetic.counts[size]} samples, size {size}, seed {seed})")
+    count = adapter.synthetic.counts[size]
+    note(f"generating the synthetic {adapter.name} ({count} samples, size {size}, seed {seed})")
     write(folder, adapter.synthetic.counts[size], seed, workers, difficulty)
     note(f"generated the synthetic {adapter.name} in {time.perf_counter() - started:.1f} s")
 
