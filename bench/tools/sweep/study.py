@@ -20,6 +20,7 @@ from bench.core.registry import PROTOCOLS
 from bench.data.splits import sealed
 from bench.tools.sweep.outputs import write_outputs
 from bench.tools.sweep.spec import Objective, SweepSpec
+from bench.train import distributed
 from bench.train.loggers import Curves, open_curves
 
 
@@ -228,7 +229,7 @@ def make_objective(spec: SweepSpec, store, device):
         # holds one run at a time in a process, and the trial's pretraining runs have their own open meanwhile
         loggers = [name for name in spec.config(spec.seeds[0]).runtime.loggers if name != "wandb"]
         curves = open_curves(loggers, spec.folder, name=f"trial-{trial.number}") \
-            if tracked_protocol(spec.objective) else Curves([])
+            if tracked_protocol(spec.objective) and distributed.is_main() else Curves([])  # rank 0 writes files
         try:
             for i, seed in enumerate(spec.seeds):
                 cfg = spec.config(seed, values, extra=[f"eval.datasets=[{','.join(spec.objective.datasets)}]"])
