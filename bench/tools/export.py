@@ -65,13 +65,18 @@ class Origin:
     source: str = ""
 
 
+def unknown_origin(method: Method, source: str, run_dir: Path | None = None) -> Origin:
+    """The origin of weights that are no finished run's (untrained, built by the caller, an unfinished run's)."""
+    return Origin(None, weights_digest(method), export_provenance(run_dir), source=source)
+
+
 def run_origin(run_dir: Path, weights: Path, cfg: DictConfig, method: Method) -> Origin:
     """The origin of a run folder's weights: the run's identity (as its records name it) for final.pt; none for an
     unfinished run's checkpoint.pt, whose weights are not the run's pretrained model."""
     if weights.name != "final.pt":
         print(f"bench: {run_dir} has not finished (no final.pt): its checkpoint.pt is loaded, and is not the run's "
               f"pretrained model", file=sys.stderr)
-        return Origin(None, weights_digest(method), export_provenance(run_dir), source=str(weights))
+        return unknown_origin(method, str(weights), run_dir)
     identity = export_identity(cfg, weights)
     results_root = run_dir.parent.parent if run_dir.parent.name == "runs" else run_dir
     records = run_records(results_root, identity)

@@ -50,10 +50,8 @@ class EmbeddingModel:
         """The untrained default model of `method_name` (configs/method/<name>.yaml, the default preset, seed 0):
         random weights, so its features mean nothing yet; a warning says so."""
         from bench.experiment.config import compose_config
-        from bench.experiment.evaluating import weights_digest
-        from bench.experiment.export import export_provenance
         from bench.experiment.setup import quiet_libraries
-        from bench.tools.export import Origin, build_keeping_random_state
+        from bench.tools.export import build_keeping_random_state, unknown_origin
 
         quiet_libraries()
         cfg = compose_config(self.method_name)
@@ -61,8 +59,7 @@ class EmbeddingModel:
               f"weights); load a trained one with {type(self).__name__}.from_pretrained(...)", file=sys.stderr)
         method = build_keeping_random_state(cfg)
         source = f"untrained {self.method_name} ({cfg.model.name} preset, seed {cfg.seed})"
-        self._attach(method, cfg, Origin(None, weights_digest(method), export_provenance(None), source=source),
-                     device, batch_size)
+        self._attach(method, cfg, unknown_origin(method, source), device, batch_size)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, device: str = "auto", batch_size: int = 32,
@@ -108,13 +105,10 @@ class EmbeddingModel:
                     batch_size: int = 32) -> EmbeddingModel:
         """Wrap a method already built from `cfg` (e.g. by bench.experiment.pretraining.build_method). Its weights
         are no run's as far as this model knows: `save_pretrained` gives them an identity of their own."""
-        from bench.experiment.evaluating import weights_digest
-        from bench.experiment.export import export_provenance
-        from bench.tools.export import Origin
+        from bench.tools.export import unknown_origin
 
         model = cls.__new__(cls)
-        model._attach(method, cfg, Origin(None, weights_digest(method), export_provenance(None), source=source),
-                      device, batch_size)
+        model._attach(method, cfg, unknown_origin(method, source), device, batch_size)
         return model
 
     def _attach(self, method: Method, cfg: DictConfig, origin: Origin, device: str, batch_size: int) -> None:
